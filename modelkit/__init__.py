@@ -1,0 +1,21 @@
+"""modelkit: GPT-style language models from JSON specs, built out of registered components.
+
+The small public API::
+
+    from modelkit import load_spec, build_model, GPTModel, SpecError, count_parameters, register
+"""
+
+from .builder import build_model
+from .errors import CheckpointError, GenerationError, PluginError, RegistryError, SpecError
+from .introspect import count_parameters
+from .model import GPTModel
+from .registry import KINDS, SubComponent, get_registry, register, registries
+from .spec import ComponentSpec, ModelSpec, load_spec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "KINDS", "CheckpointError", "ComponentSpec", "GPTModel", "GenerationError", "ModelSpec", "PluginError",
+    "RegistryError", "SpecError", "SubComponent", "build_model", "count_parameters", "get_registry",
+    "load_spec", "register", "registries", "__version__",
+]

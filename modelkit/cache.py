@@ -1,0 +1,71 @@
+"""The KV cache for incremental decoding: prefill once, then one token at a time.
+
+A :class:`KVCache` holds one :class:`LayerKVCache` per layer. An attention module calls
+``ctx.cache.update(k, v)`` with the keys and values of the tokens it is processing
+(``(b, h_kv, s, d)``, already rotated if the positional component rotates them) and attends over the
+returned tensors, which hold every cached token followed by the new ones. Storage is allocated on the
+first update from the shapes it receives, so attention with fewer key/value heads (grouped-query) or
+another head size takes part without any change here.
+
+The model advances ``KVCache.length`` after each forward pass; positions of new tokens continue from
+it. The cache holds at most ``max_length`` tokens (the model's ``context_length``): a forward pass that
+would go past it raises ``ValueError``; :func:`modelkit.generate` handles a full window by recomputing
+the last ``context_size`` tokens, exactly as the uncached loop does.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class LayerKVCache:
+    """Keys and values of one layer, in preallocated storage ``(b, h_kv, max_length, d)``."""
+
+    def __init__(self, owner: KVCache) -> None:
+        self._owner = owner
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+
+    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store the new keys/values at positions ``[length, length + s)``; return all so far.
+
+        Returns views ``(b, h_kv, length + s, d)``; the caller must not modify them in place.
+        """
+        start = self._owner.length
+        end = start + k.shape[-2]
+        if end > self._owner.max_length:
+            raise ValueError(
+                f"KV cache is full: {start} cached + {k.shape[-2]} new tokens > max_length "
+                f"{self._owner.max_length} (the model's context_length)"
+            )
+        if self.k is None or self.k.shape[0] != k.shape[0]:
+            shape_k = (*k.shape[:-2], self._owner.max_length, k.shape[-1])
+            shape_v = (*v.shape[:-2], self._owner.max_length, v.shape[-1])
+            self.k = torch.empty(shape_k, dtype=k.dtype, device=k.device)
+            self.v = torch.empty(shape_v, dtype=v.dtype, device=v.device)
+        assert self.v is not None
+        self.k[..., start:end, :] = k
+        self.v[..., start:end, :] = v
+        return self.k[..., :end, :], self.v[..., :end, :]
+
+
+class KVCache:
+    """Per-layer key/value caches for a model; ``length`` tokens are cached so far."""
+
+    def __init__(self, n_layers: int, max_length: int) -> None:
+        self.max_length = max_length
+        self.length = 0
+        self.layers = [LayerKVCache(self) for _ in range(n_layers)]
+
+    def advance(self, n_tokens: int) -> None:
+        """Record that the layers stored ``n_tokens`` more tokens (called by the model)."""
+        self.length += n_tokens
+
+    def reset(self) -> None:
+        """Forget every cached token (storage is kept for reuse)."""
+        self.length = 0
+
+    @property
+    def remaining(self) -> int:
+        return self.max_length - self.length

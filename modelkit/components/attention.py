@@ -1,0 +1,87 @@
+"""Attention modules (kind ``attention``)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import torch
+from pydantic import AfterValidator, Field
+from torch import Tensor, nn
+
+from ..registry import register
+from .base import Attention, LayerContext, ModelDims, NoPositional
+from .kernels import attention_kernel_names, check_backend, get_attention_kernel
+
+BackendName = Annotated[
+    str,
+    AfterValidator(check_backend),
+    Field(description="attention kernel", json_schema_extra=lambda s: s.update(enum=attention_kernel_names())),
+]
+
+_NO_POSITIONAL = NoPositional()
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, ctx: LayerContext | None, kernel: Any, dropout_p: float) -> Tensor:
+    """The shared path of every attention module: positions, cache, then the kernel.
+
+    ``q: (b, h, s, d)``, ``k, v: (b, h_kv, s, d)`` for the current tokens. Applies the positional
+    component's rotation, appends k/v to the layer's KV cache if there is one, adds its score bias,
+    and runs the (causal) kernel. Returns ``(b, h, s, d)``. Keys/values with fewer heads than the
+    queries (grouped-query attention) are repeated to match after caching.
+    """
+    if ctx is None:
+        ctx = LayerContext(torch.arange(q.shape[-2], device=q.device), _NO_POSITIONAL)
+    q, k = ctx.positional.rotate(q, k, ctx.positions)
+    if ctx.cache is not None:
+        k, v = ctx.cache.update(k, v)
+    bias = ctx.positional.attention_bias(ctx.positions, torch.arange(k.shape[-2], device=q.device))
+    if k.shape[1] != q.shape[1]:
+        groups = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    return kernel(q, k, v, bias=bias, dropout_p=dropout_p)
+
+
+@register("attention", "mha")
+class MultiHeadAttention(Attention):
+    """Masked multi-head self-attention (the book's): W_query/W_key/W_value, causal, out_proj.
+
+    Dropout applies to the attention weights. ``backend`` picks the kernel (``eager``: the book's
+    maths; ``sdpa``: PyTorch's fused scaled_dot_product_attention); both use the same parameters.
+    """
+
+    def __init__(self, dims: ModelDims, *, backend: BackendName = "sdpa",
+                 out_bias: Annotated[bool, Field(description="bias in out_proj")] = True) -> None:
+        super().__init__()
+        d = dims.emb_dim
+        self.d_out = d
+        self.num_heads = dims.n_heads
+        self.head_dim = d // dims.n_heads
+        self.W_query = nn.Linear(d, d, bias=dims.qkv_bias)
+        self.W_key = nn.Linear(d, d, bias=dims.qkv_bias)
+        self.W_value = nn.Linear(d, d, bias=dims.qkv_bias)
+        self.out_proj = nn.Linear(d, d, bias=out_bias)
+        self.dropout = nn.Dropout(dims.drop_rate)
+        self.backend = backend
+        self.kernel = get_attention_kernel(backend)
+
+    def residual_projections(self) -> list[nn.Linear]:
+        return [self.out_proj]
+
+    def forward(self, x: Tensor, ctx: LayerContext | None = None) -> Tensor:
+        b, s, _ = x.shape
+        q = self.W_query(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.W_key(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+        v = self.W_value(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+        dropout_p = self.dropout.p if self.training else 0.0
+        out = attend(q, k, v, ctx, self.kernel, dropout_p)
+        return self.out_proj(out.transpose(1, 2).reshape(b, s, self.d_out))
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        # The book's MultiHeadAttention stores its causal mask as a buffer; the kernels build
+        # their own, so a book checkpoint's ``att.mask`` is accepted and dropped.
+        state_dict.pop(prefix + "mask", None)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, head_dim={self.head_dim}, backend={self.backend}"

@@ -1,0 +1,79 @@
+"""The exceptions modelkit raises for bad input, each carrying what a user needs to fix it."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+def did_you_mean(name: str, candidates: Iterable[str]) -> str:
+    """Return ``"; did you mean 'x'?"`` for the closest candidate, or ``""`` if none is close."""
+    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+@dataclass(frozen=True)
+class SpecIssue:
+    """One problem in a spec: the dotted JSON path (``""`` for the whole spec) and what is wrong."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class SpecError(ValueError):
+    """A model spec is invalid. ``issues`` lists every problem found, each with its JSON path.
+
+    The message names the source (a file path, or "<dict>" / "<json string>") and lists all
+    problems at once, one per line, so a user can fix a config in one go.
+    """
+
+    def __init__(self, issues: list[SpecIssue], source: str | None = None) -> None:
+        self.issues = list(issues)
+        self.source = source
+        where = f" in {source}" if source else ""
+        count = len(self.issues)
+        head = f"invalid model spec{where} ({count} problem{'s' if count != 1 else ''}):"
+        super().__init__("\n".join([head, *(f"  {issue}" for issue in self.issues)]))
+
+
+class RegistryError(LookupError):
+    """A component registry lookup or registration failed (unknown name, duplicate, bad class)."""
+
+
+class UnknownComponentError(RegistryError):
+    """No component of that kind has that name. The message lists the known names."""
+
+    def __init__(self, kind: str, name: str, known: list[str]) -> None:
+        self.kind, self.name, self.known = kind, name, known
+        super().__init__(
+            f"unknown {kind} '{name}'{did_you_mean(name, known)} (known: {', '.join(known) or 'none'})"
+        )
+
+
+class PluginError(RegistryError):
+    """A third-party component could not be loaded from its entry point.
+
+    The message names the distribution and its version, the entry point and the original error.
+    """
+
+    def __init__(self, kind: str, name: str, value: str, dist: str | None, version: str | None,
+                 reason: str) -> None:
+        self.kind, self.name, self.value, self.dist, self.version = kind, name, value, dist, version
+        self.reason = reason
+        who = f"{dist}=={version}" if dist else "an unknown distribution"
+        super().__init__(
+            f"plugin {kind} '{name}' from {who} (entry point modelkit.{kind}: {name} = {value}) "
+            f"failed to load: {reason}"
+        )
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is unreadable, is not a modelkit/GPT-2 checkpoint, or does not fit the spec."""
+
+
+class GenerationError(ValueError):
+    """Arguments to text generation are invalid (empty prompt, bad temperature, out-of-vocab ids...)."""

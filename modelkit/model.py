@@ -1,0 +1,100 @@
+"""GPTModel: the book's GPT (chapter 4), assembled from the components a spec names."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .builder import SpecBlockParts, build_component
+from .cache import KVCache
+from .components.base import Block, LayerContext, Positional
+from .spec import ModelSpec, load_spec
+
+
+class GPTModel(nn.Module):
+    """Token + positional embeddings, dropout, ``n_layers`` blocks, final norm, output head.
+
+    Attribute names are the book's (``tok_emb``, ``pos_emb``, ``drop_emb``, ``trf_blocks``,
+    ``final_norm``, ``out_head``) and modules are created in the book's order, so after
+    ``torch.manual_seed(123)`` the default gpt2-small spec has exactly the book's weights.
+    ``GPTModel(GPT_CONFIG_124M)`` works with the book's dict, as does any spec :func:`load_spec` takes.
+    """
+
+    def __init__(self, cfg: ModelSpec | Mapping[str, Any] | str | os.PathLike[str]) -> None:
+        super().__init__()
+        spec = load_spec(cfg)
+        dims = spec.dims
+        self.spec = spec
+        self.tok_emb = nn.Embedding(dims.vocab_size, dims.emb_dim)
+        self.pos_emb: Positional = build_component("positional", spec.positional, dims)  # type: ignore[assignment]
+        self.drop_emb = nn.Dropout(dims.drop_rate)
+        parts = SpecBlockParts(spec, dims)
+        self.trf_blocks = nn.ModuleList(build_component("block", spec.block, dims, parts) for _ in range(dims.n_layers))
+        self.final_norm = build_component("norm", spec.norm, dims)
+        self.out_head = nn.Linear(dims.emb_dim, dims.vocab_size, bias=False)
+        if spec.tie_embeddings:
+            self.out_head.weight = self.tok_emb.weight
+        if spec.init == "gpt2":
+            init_gpt2_(self)
+
+    @property
+    def context_length(self) -> int:
+        return self.spec.context_length
+
+    def new_cache(self) -> KVCache:
+        """An empty KV cache sized for this model (``context_length`` tokens)."""
+        return KVCache(len(self.trf_blocks), self.spec.context_length)
+
+    def forward(self, in_idx: Tensor, *, cache: KVCache | None = None, last_only: bool = False) -> Tensor:
+        """Logits ``(batch, seq, vocab_size)`` for token ids ``in_idx: (batch, seq)``.
+
+        With ``cache``, ``in_idx`` continues the cached tokens (positions start at ``cache.length``)
+        and the cache is extended. ``last_only`` computes logits for the last position only
+        (``(batch, 1, vocab_size)``), which is what generation needs.
+        """
+        _, seq_len = in_idx.shape
+        start = cache.length if cache is not None else 0
+        if start + seq_len > self.spec.context_length:
+            raise ValueError(
+                f"{start + seq_len} tokens ({start} cached + {seq_len} new) exceed context_length "
+                f"{self.spec.context_length}; crop the input to its last {self.spec.context_length} tokens"
+            )
+        positions = torch.arange(start, start + seq_len, device=in_idx.device)
+        x = self.tok_emb(in_idx)
+        pos = self.pos_emb.embedding(positions)
+        if pos is not None:
+            x = x + pos
+        x = self.drop_emb(x)
+        for i, block in enumerate(self.trf_blocks):
+            x = block(x, LayerContext(positions, self.pos_emb, cache.layers[i] if cache is not None else None))
+        if cache is not None:
+            cache.advance(seq_len)
+        x = self.final_norm(x)
+        if last_only:
+            x = x[:, -1:, :]
+        return self.out_head(x)
+
+
+@torch.no_grad()
+def init_gpt2_(model: GPTModel) -> None:
+    """GPT-2's initialisation: weights N(0, 0.02), biases 0, norms untouched, residual projections
+    (attention output, feed-forward output) N(0, 0.02/√(2·n_layers)) (Radford et al. 2019)."""
+    std = 0.02
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, 0.0, std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, Positional):
+            for param in module.parameters(recurse=False):
+                nn.init.normal_(param, 0.0, std)
+    residual_std = std / math.sqrt(2 * model.spec.n_layers)
+    for block in model.trf_blocks:
+        assert isinstance(block, Block)
+        for proj in block.residual_projections():
+            nn.init.normal_(proj.weight, 0.0, residual_std)

@@ -1,0 +1,303 @@
+"""The JSON model spec: pydantic models, validation with JSON paths, and the live JSON Schema.
+
+A spec is the book's ``GPT_CONFIG_124M`` fields plus ``name``, ``tie_embeddings``, ``init`` and one
+component reference per slot (``positional``, ``norm``, ``attention``, ``feedforward``, ``block``).
+A reference is a bare name (``"layernorm"``) or an object ``{"type": "layernorm", "eps": 1e-5}``
+whose other keys are that component's parameters. Every slot defaults to the book's part, so the
+book's flat config dict is a valid spec.
+
+Validation collects every problem at once (unknown fields and components with a did-you-mean,
+bad parameter values, cross-field checks) and raises one :class:`SpecError`; nothing is built until
+the whole spec is valid. A validated :class:`ModelSpec` has every default filled in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
+
+from .components.base import ModelDims
+from .errors import PluginError, RegistryError, SpecError, SpecIssue, did_you_mean
+from .registry import KINDS, get_registry
+
+# slot -> default component (the book's part). Each slot holds a component of the kind of its name.
+SLOT_DEFAULTS: dict[str, str] = {
+    "positional": "learned",
+    "norm": "layernorm",
+    "attention": "mha",
+    "feedforward": "mlp",
+    "block": "pre_norm",
+}
+SCHEMA_URL = "https://json-schema.org/draft/2020-12/schema"
+
+
+class ComponentSpec(BaseModel):
+    """A resolved component reference: its registered ``type`` and every parameter, defaults filled.
+
+    Nested references (e.g. the feed-forward's ``activation``) are ComponentSpecs themselves.
+    Serialises to the JSON form ``{"type": name, **params}``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_serializer
+    def _serialize(self) -> dict[str, Any]:
+        return {"type": self.type, **{
+            k: v.model_dump() if isinstance(v, ComponentSpec) else v for k, v in self.params.items()
+        }}
+
+
+class _Sizes(BaseModel):
+    """The top-level fields (everything but the component slots)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Annotated[str, Field(min_length=1, description="a label for the model")] = "gpt"
+    vocab_size: Annotated[int, Field(gt=0, description="number of token ids (GPT-2: 50257)")]
+    context_length: Annotated[int, Field(gt=0, description="maximum sequence length")]
+    emb_dim: Annotated[int, Field(gt=0, description="embedding / residual width")]
+    n_heads: Annotated[int, Field(gt=0, description="attention heads; must divide emb_dim")]
+    n_layers: Annotated[int, Field(gt=0, description="transformer blocks")]
+    drop_rate: Annotated[float, Field(ge=0, lt=1, description="dropout probability")] = 0.1
+    qkv_bias: Annotated[bool, Field(description="biases in the query/key/value projections")] = False
+    tie_embeddings: Annotated[bool, Field(description="out_head shares tok_emb's weight")] = False
+    init: Annotated[Literal["default", "gpt2"], Field(
+        description="'default': PyTorch's (the book's); 'gpt2': N(0, 0.02), residual projections "
+                    "scaled by 1/sqrt(2*n_layers)")] = "default"
+
+
+class ModelSpec(_Sizes):
+    """A validated model spec with every default filled in. Make one with :func:`load_spec`."""
+
+    positional: ComponentSpec
+    norm: ComponentSpec
+    attention: ComponentSpec
+    feedforward: ComponentSpec
+    block: ComponentSpec
+
+    @property
+    def dims(self) -> ModelDims:
+        return ModelDims(self.vocab_size, self.context_length, self.emb_dim, self.n_heads,
+                         self.n_layers, self.drop_rate, self.qkv_bias)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fully resolved spec as JSON-ready data; ``load_spec(spec.to_dict()) == spec``."""
+        return self.model_dump(mode="json")
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def components(self) -> list[tuple[str, ComponentSpec]]:
+        """(JSON path, reference) for every component in the spec, nested ones included."""
+        found: list[tuple[str, ComponentSpec]] = []
+
+        def walk(path: str, ref: ComponentSpec) -> None:
+            found.append((path, ref))
+            for key, value in ref.params.items():
+                if isinstance(value, ComponentSpec):
+                    walk(f"{path}.{key}", value)
+
+        for slot in SLOT_DEFAULTS:
+            walk(slot, getattr(self, slot))
+        return found
+
+
+# -- validation ---------------------------------------------------------------------------------
+
+def _join(path: str, loc: tuple[Any, ...]) -> str:
+    parts = [path] if path else []
+    for item in loc:
+        parts.append(f"[{item}]" if isinstance(item, int) else str(item))
+    return ".".join(parts).replace(".[", "[")
+
+
+def _describe(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _translate(error: ValidationError, path: str, known: list[str], what: str) -> list[SpecIssue]:
+    """pydantic errors -> SpecIssues with full JSON paths and friendlier wording."""
+    issues = []
+    for err in error.errors():
+        loc = tuple(err["loc"])
+        where = _join(path, loc)
+        if err["type"] == "extra_forbidden" and len(loc) == 1:
+            name = str(loc[0])
+            msg = f"unknown {what} '{name}'{did_you_mean(name, known)} (known: {', '.join(known) or 'none'})"
+        elif err["type"] == "missing":
+            msg = "required, but missing"
+        else:
+            msg = f"{err['msg']} (got {_describe(err.get('input'))})"
+            if err["type"].startswith("value_error"):
+                msg = f"{err['msg'].removeprefix('Value error, ')} (got {_describe(err.get('input'))})"
+        issues.append(SpecIssue(where, msg))
+    return issues
+
+
+def _resolve(kind: str, raw: Any, path: str, issues: list[SpecIssue]) -> ComponentSpec | None:
+    """Check one component reference and fill its defaults; append problems to ``issues``."""
+    if isinstance(raw, ComponentSpec):
+        raw = raw.model_dump()
+    if isinstance(raw, str):
+        name, params = raw, {}
+    elif isinstance(raw, Mapping):
+        if "type" not in raw:
+            known = ", ".join(get_registry(kind).names())
+            issues.append(SpecIssue(path, f"a {kind} object needs a 'type' naming the component (known: {known})"))
+            return None
+        name, params = raw["type"], {k: v for k, v in raw.items() if k != "type"}
+        if not isinstance(name, str):
+            issues.append(SpecIssue(f"{path}.type", f"must be a {kind} name, got {_describe(name)}"))
+            return None
+    else:
+        issues.append(SpecIssue(path, f"must be a {kind} name or an object with a 'type', got {_describe(raw)}"))
+        return None
+    try:
+        entry = get_registry(kind).get(name)
+    except (PluginError, RegistryError) as exc:
+        issues.append(SpecIssue(path, str(exc)))
+        return None
+
+    fields = entry.params_model.model_fields
+    values: dict[str, Any] | None = None
+    try:
+        values = entry.params_model.model_validate(params).model_dump(mode="json")
+    except ValidationError as exc:
+        issues.extend(_translate(exc, path, list(fields), f"parameter for {kind} '{name}'"))
+    filled: dict[str, Any] = {}
+    for pname, sub_kind in entry.sub_components.items():  # check nested references even if the rest failed
+        sub_raw = params.get(pname, fields[pname].default)
+        filled[pname] = _resolve(sub_kind, sub_raw, f"{path}.{pname}", issues)
+    if values is None or any(v is None for v in filled.values()):
+        return None
+    return ComponentSpec(type=name, params={**values, **filled})
+
+
+def _cross_checks(sizes: _Sizes, slots: dict[str, ComponentSpec | None]) -> list[SpecIssue]:
+    issues = []
+    if sizes.emb_dim % sizes.n_heads:
+        issues.append(SpecIssue("n_heads", f"emb_dim {sizes.emb_dim} is not divisible by n_heads {sizes.n_heads}"))
+        return issues  # component checks assume a valid head size
+    dims = ModelDims(sizes.vocab_size, sizes.context_length, sizes.emb_dim, sizes.n_heads,
+                     sizes.n_layers, sizes.drop_rate, sizes.qkv_bias)
+
+    def check(kind: str, path: str, ref: ComponentSpec) -> None:
+        entry = get_registry(kind).get(ref.type)
+        plain = {k: v for k, v in ref.params.items() if k not in entry.sub_components}
+        for message in entry.cls.check_dims(dims, **plain):
+            issues.append(SpecIssue(path, message))
+        for pname, sub_kind in entry.sub_components.items():
+            check(sub_kind, f"{path}.{pname}", ref.params[pname])
+
+    for slot, ref in slots.items():
+        if ref is not None:
+            check(slot, slot, ref)
+    return issues
+
+
+def validate_spec(data: Mapping[str, Any], source: str | None = None) -> ModelSpec:
+    """Validate a spec given as parsed JSON; raise :class:`SpecError` listing every problem."""
+    if not isinstance(data, Mapping):
+        raise SpecError([SpecIssue("", f"a spec must be a JSON object, got {type(data).__name__}")], source)
+    data = {k: v for k, v in data.items() if k != "$schema"}
+    issues: list[SpecIssue] = []
+    sizes: _Sizes | None = None
+    top = {k: v for k, v in data.items() if k not in SLOT_DEFAULTS}
+    try:
+        sizes = _Sizes.model_validate(top)
+    except ValidationError as exc:
+        issues.extend(_translate(exc, "", [*_Sizes.model_fields, *SLOT_DEFAULTS], "field"))
+    slots = {slot: _resolve(slot, data.get(slot, default), slot, issues) for slot, default in SLOT_DEFAULTS.items()}
+    if sizes is not None:
+        issues.extend(_cross_checks(sizes, slots))
+    if issues or sizes is None:
+        raise SpecError(issues, source)
+    return ModelSpec(**sizes.model_dump(), **slots)
+
+
+def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"duplicate key '{key}'")
+        seen[key] = value
+    return seen
+
+
+def parse_json(text: str, source: str) -> Any:
+    """Parse JSON, reporting syntax errors with line and column and rejecting duplicate keys."""
+    try:
+        return json.loads(text, object_pairs_hook=_reject_duplicate_keys)
+    except json.JSONDecodeError as exc:
+        raise SpecError([SpecIssue("", f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}")],
+                        source) from None
+    except ValueError as exc:
+        raise SpecError([SpecIssue("", f"invalid JSON: {exc}")], source) from None
+
+
+def load_spec(source: ModelSpec | Mapping[str, Any] | str | os.PathLike[str]) -> ModelSpec:
+    """Load and validate a spec from a :class:`ModelSpec`, a dict, a JSON string or a file path.
+
+    A string starting with ``{`` is JSON text; any other string is a path. Raises
+    :class:`SpecError` (a ``ValueError``) naming the source and every problem with its JSON path.
+    """
+    if isinstance(source, ModelSpec):
+        return source
+    if isinstance(source, Mapping):
+        return validate_spec(source, "<dict>")
+    if isinstance(source, str) and source.lstrip().startswith("{"):
+        return validate_spec(parse_json(source, "<json string>"), "<json string>")
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise SpecError([SpecIssue("", f"cannot read the spec file: {exc.strerror or exc}")], str(path)) from None
+        return validate_spec(parse_json(text, str(path)), str(path))
+    raise SpecError([SpecIssue("", f"cannot load a spec from {type(source).__name__}")])
+
+
+# -- JSON Schema ----------------------------------------------------------------------------------
+
+def spec_json_schema() -> tuple[dict[str, Any], list[PluginError]]:
+    """The JSON Schema of a spec, built from the live registry (plugins included).
+
+    Each slot is a ``$ref`` to its kind: a component name, or an object whose ``type`` selects the
+    component and whose other keys are that component's parameters. Broken plugins are left out
+    and returned as errors, so one bad plugin never hides the rest.
+    """
+    schema = _Sizes.model_json_schema()
+    defs: dict[str, Any] = schema.pop("$defs", {})
+    failures: list[PluginError] = []
+    for kind in KINDS:
+        entries, errors = get_registry(kind).load_all()
+        failures.extend(errors)
+        variants = []
+        for entry in entries:
+            part = entry.params_model.model_json_schema(ref_template="#/$defs/{model}")
+            defs.update(part.pop("$defs", {}))
+            part["properties"] = {"type": {"const": entry.name, "description": entry.summary},
+                                  **part.get("properties", {})}
+            part["required"] = ["type", *part.get("required", [])]
+            part["additionalProperties"] = False
+            part["title"] = f"{kind} '{entry.name}'"
+            variants.append(part)
+        defs[kind] = {
+            "description": f"a {kind} component: its name, or an object with 'type' and its parameters",
+            "anyOf": [{"type": "string", "enum": [e.name for e in entries]}, {"oneOf": variants}],
+        }
+    props = schema["properties"]
+    for slot, default in SLOT_DEFAULTS.items():
+        props[slot] = {"$ref": f"#/$defs/{slot}", "default": default}
+    props["$schema"] = {"type": "string", "description": "the JSON Schema this file follows"}
+    schema.update({"$schema": SCHEMA_URL, "title": "modelkit model spec", "$defs": defs})
+    return schema, failures
