@@ -60,7 +60,7 @@ class _Sizes(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: Annotated[str, Field(min_length=1, description="a label for the model")] = "gpt"
+    name: Annotated[str, Field(min_length=1, description="a label for the model (default: the file's stem)")] = "gpt"
     vocab_size: Annotated[int, Field(gt=0, description="number of token ids (GPT-2: 50257)")]
     context_length: Annotated[int, Field(gt=0, description="maximum sequence length")]
     emb_dim: Annotated[int, Field(gt=0, description="embedding / residual width")]
@@ -262,7 +262,10 @@ def load_spec(source: ModelSpec | Mapping[str, Any] | str | os.PathLike[str]) ->
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise SpecError([SpecIssue("", f"cannot read the spec file: {exc.strerror or exc}")], str(path)) from None
-        return validate_spec(parse_json(text, str(path)), str(path))
+        data = parse_json(text, str(path))
+        if isinstance(data, dict) and "name" not in data:
+            data["name"] = path.stem
+        return validate_spec(data, str(path))
     raise SpecError([SpecIssue("", f"cannot load a spec from {type(source).__name__}")])
 
 

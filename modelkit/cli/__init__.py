@@ -1,0 +1,47 @@
+"""The ``modelkit`` command line. Each command lives in its own module with ``add_parser(subparsers)``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from ..errors import CheckpointError, GenerationError, RegistryError, SpecError
+
+# Command modules, in the order ``modelkit --help`` lists them.
+COMMANDS: tuple[str, ...] = ("info", "spec", "schema", "components")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="modelkit",
+        description="Build, inspect, run and compare GPT-style models from JSON specs.",
+    )
+    parser.add_argument("--version", action="version", version=f"modelkit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        importlib.import_module(f"{__name__}.{name}").add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (0 ok, 1 runtime failure, 2 bad input)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (SpecError, RegistryError, CheckpointError, GenerationError) as exc:
+        print(f"modelkit {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":  # python -m modelkit.cli
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""``modelkit info CONFIG``: parameters, memory and a per-module summary, built on the meta device."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+import torch
+
+from ..builder import build_model
+from ..introspect import count_parameters, summarize
+from ..spec import ComponentSpec, ModelSpec, load_spec
+from ._table import format_table
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("info", help="parameter counts, memory and module summary of a spec",
+                       description="Validate a spec, build it on the meta device (no weights are "
+                                   "allocated) and print its parameter counts, memory and modules.")
+    p.add_argument("config", help="a JSON spec file")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.set_defaults(func=run)
+
+
+def describe_component(ref: ComponentSpec) -> str:
+    """``name(param=value, ...)`` for a component reference, nested ones included."""
+    if not ref.params:
+        return ref.type
+    inner = ", ".join(f"{k}={describe_component(v) if isinstance(v, ComponentSpec) else v}"
+                      for k, v in ref.params.items())
+    return f"{ref.type}({inner})"
+
+
+def info_report(spec: ModelSpec) -> dict[str, Any]:
+    """Figures for a spec, computed on the meta device."""
+    model = build_model(spec, device="meta")
+    count = count_parameters(model)
+    return {
+        "name": spec.name,
+        "parameters": count.total,
+        "parameters_without_head": count.without_head,
+        "tied_embeddings": count.tied,
+        "memory_mb": {"float32": round(count.megabytes(torch.float32), 2),
+                      "bfloat16": round(count.megabytes(torch.bfloat16), 2)},
+        "modules": [{"name": r.name.strip(), "type": r.type, "params": r.params} for r in summarize(model)],
+        "_rows": summarize(model),
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    spec = load_spec(args.config)
+    report = info_report(spec)
+    rows = report.pop("_rows")
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{spec.name}  ({args.config})")
+    print(f"  sizes:       vocab {spec.vocab_size}, context {spec.context_length}, emb {spec.emb_dim}, "
+          f"heads {spec.n_heads}, layers {spec.n_layers}, dropout {spec.drop_rate}, qkv_bias {spec.qkv_bias}")
+    for slot in ("positional", "norm", "attention", "feedforward", "block"):
+        print(f"  {slot + ':':<12} {describe_component(getattr(spec, slot))}")
+    print()
+    print(f"parameters:                    {report['parameters']:>15,}")
+    label = "(head tied to tok_emb)" if report["tied_embeddings"] else "excluding the output head"
+    print(f"  {label:<28}{report['parameters_without_head']:>15,}")
+    print(f"memory (float32):              {report['memory_mb']['float32']:>12.2f} MB")
+    print(f"memory (bfloat16):             {report['memory_mb']['bfloat16']:>12.2f} MB")
+    print("  (parameters only; 1 MB = 2**20 bytes, as in the book)")
+    print()
+    print(format_table(["module", "type", "parameters"], [(r.name, r.type, f"{r.params:,}") for r in rows],
+                       numeric=[False, False, True]))
+    return 0
