@@ -60,11 +60,14 @@ class PluginError(RegistryError):
     The message names the distribution and its version, the entry point and the original error.
     """
 
-    def __init__(self, kind: str, name: str, value: str, dist: str | None, version: str | None,
+    def __init__(self, kind: str, name: str | None, value: str | None, dist: str | None, version: str | None,
                  reason: str) -> None:
         self.kind, self.name, self.value, self.dist, self.version = kind, name, value, dist, version
         self.reason = reason
         who = f"{dist}=={version}" if dist else "an unknown distribution"
+        if name is None:  # the distribution's entry points could not even be read
+            super().__init__(f"plugin distribution {who} (entry-point group modelkit.{kind}): {reason}")
+            return
         super().__init__(
             f"plugin {kind} '{name}' from {who} (entry point modelkit.{kind}: {name} = {value}) "
             f"failed to load: {reason}"

@@ -39,6 +39,7 @@ _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$")
 _BUILDER_ARGS: dict[str, tuple[str, ...]] = {kind: ("dims",) for kind in KINDS} | {"block": ("dims", "parts")}
 
 C = TypeVar("C", bound=type)
+COMPONENT_SCHEMA_KEY = "x-modelkit-component"
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,9 @@ class SubComponent:
     kind: str
 
     def __get_pydantic_json_schema__(self, core_schema: Any, handler: Any) -> dict[str, Any]:
-        return {"$ref": f"#/$defs/{self.kind}"}
+        # A marker, not a $ref: pydantic resolves $refs against its own definitions. The spec's
+        # schema (modelkit.spec.spec_json_schema) replaces it with a $ref to the kind's definition.
+        return {COMPONENT_SCHEMA_KEY: self.kind, "description": f"{'an' if self.kind[0] in 'aeiou' else 'a'} {self.kind} component"}
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,11 @@ class ComponentEntry:
     @property
     def module(self) -> str:
         return self.cls.__module__
+
+    @property
+    def is_builtin(self) -> bool:
+        """True for modelkit's own components (not plugins, not runtime registrations)."""
+        return self.distribution is None and _is_core(self.cls)
 
     @property
     def source(self) -> str:
@@ -114,6 +122,17 @@ class _PluginRef:
     distribution: str | None
     version: str | None
     entry_point: importlib.metadata.EntryPoint
+
+
+def _dist_of(ep: importlib.metadata.EntryPoint) -> tuple[str | None, str | None]:
+    """(distribution name, version) that declares ``ep``, or (None, None) if unknown."""
+    dist = getattr(ep, "dist", None)
+    if dist is None:
+        return None, None
+    try:
+        return dist.metadata["Name"], dist.version
+    except Exception:  # unreadable METADATA: still usable, just unnamed
+        return None, None
 
 
 def _is_core(cls: type) -> bool:
@@ -193,6 +212,7 @@ class Registry:
         self._entries: dict[str, ComponentEntry] = {}
         self._plugins: dict[str, list[_PluginRef]] | None = None
         self._failed: dict[str, PluginError] = {}
+        self._scan_errors: list[PluginError] = []
 
     def __repr__(self) -> str:
         return f"<Registry {self.kind}: {', '.join(self.names())}>"
@@ -222,11 +242,6 @@ class Registry:
                 f"{self.kind} '{name}' must be a subclass of {self.base.__module__}.{self.base.__qualname__}, "
                 f"got {cls!r}"
             )
-        if "." not in name and (distribution is not None or not _is_core(cls)):
-            raise RegistryError(
-                f"{self.kind} '{name}': bare names are reserved for modelkit's built-in components; "
-                f"register third-party components under a namespace, e.g. 'yourpackage.{name}'"
-            )
         existing = self._entries.get(name)
         if existing is not None:
             raise RegistryError(
@@ -234,6 +249,11 @@ class Registry:
                 f"({existing.module}.{existing.cls.__qualname__}); refusing to overwrite it with "
                 f"{cls.__module__}.{cls.__qualname__}"
                 + (f" from {distribution}=={version}" if distribution else "")
+            )
+        if "." not in name and (distribution is not None or not _is_core(cls)):
+            raise RegistryError(
+                f"{self.kind} '{name}': bare names are reserved for modelkit's built-in components; "
+                f"register third-party components under a namespace, e.g. 'yourpackage.{name}'"
             )
         if distribution is None:
             self._check_no_plugin_claims(name, cls)
@@ -243,11 +263,21 @@ class Registry:
         return entry
 
     def _check_no_plugin_claims(self, name: str, cls: type) -> None:
-        if self._plugins is not None and name in self._plugins and not _is_core(cls):
-            other = self._plugins[name][0]
+        """Refuse a runtime registration of a name a plugin provides (reads entry-point names only)."""
+        if _is_core(cls):
+            return
+        refs = self._scan_plugins().get(name)
+        if refs:
+            other = refs[0]
+            if other.value == f"{cls.__module__}:{cls.__qualname__}":
+                raise RegistryError(
+                    f"{self.kind} '{name}' is registered by its entry point {self.group}: {name} = "
+                    f"{other.value}; remove the register() call from its module (importing a plugin "
+                    "must not register anything)"
+                )
             raise RegistryError(
-                f"{self.kind} '{name}' is also provided by the plugin {other.distribution}=={other.version}; "
-                "choose another name"
+                f"{self.kind} '{name}' is also provided by the plugin {other.distribution}=={other.version} "
+                f"(entry point {self.group}: {name} = {other.value}); choose another name"
             )
 
     def unregister(self, name: str) -> None:
@@ -260,13 +290,21 @@ class Registry:
 
     # -- plugins ------------------------------------------------------------------------------
     def _scan_plugins(self) -> dict[str, list[_PluginRef]]:
-        """Read entry-point names for this kind once; imports no plugin code."""
+        """Read entry-point names for this kind once; imports no plugin code.
+
+        Uses ``importlib.metadata.entry_points(group=...)``. If some installed distribution's
+        metadata cannot be parsed (that call then fails for everyone), the distributions are read
+        one by one instead and the unreadable ones are reported by :meth:`load_all`.
+        """
         if self._plugins is None:
+            self._scan_errors = []
+            try:
+                eps: list[importlib.metadata.EntryPoint] = list(importlib.metadata.entry_points(group=self.group))
+            except Exception:
+                eps = self._entry_points_one_by_one()
             found: dict[str, list[_PluginRef]] = {}
-            for ep in importlib.metadata.entry_points(group=self.group):
-                dist = getattr(ep, "dist", None)
-                dist_name = dist.metadata["Name"] if dist is not None else None
-                version = dist.version if dist is not None else None
+            for ep in eps:
+                dist_name, version = _dist_of(ep)
                 refs = found.setdefault(ep.name, [])
                 # The same distribution seen twice on sys.path is one provider, not a collision.
                 if not any(r.distribution == dist_name and r.value == ep.value for r in refs):
@@ -274,9 +312,30 @@ class Registry:
             self._plugins = found
         return self._plugins
 
+    def _entry_points_one_by_one(self) -> list[importlib.metadata.EntryPoint]:
+        """This kind's entry points, distribution by distribution, recording unreadable ones."""
+        eps: list[importlib.metadata.EntryPoint] = []
+        seen: set[str] = set()
+        for dist in importlib.metadata.distributions():
+            name = dist.metadata["Name"] or "?"
+            key = re.sub(r"[-_.]+", "-", name).lower()
+            if key in seen:  # shadowed by an earlier copy on sys.path, as entry_points() does
+                continue
+            seen.add(key)
+            try:
+                eps.extend(dist.entry_points.select(group=self.group))
+            except Exception as exc:
+                self._scan_errors.append(PluginError(
+                    self.kind, None, None, name, dist.version,
+                    f"its entry_points.txt cannot be read: {type(exc).__name__}: {exc}"))
+        return eps
+
     def refresh(self) -> None:
-        """Forget the scanned entry points (after installing a plugin in a running process)."""
+        """Forget the scanned entry points and loaded plugins (after installing or removing a plugin
+        in a running process); runtime registrations and built-ins stay."""
+        importlib.invalidate_caches()
         self._plugins = None
+        self._scan_errors = []
         self._failed.clear()
         for name in [n for n, e in self._entries.items() if e.distribution is not None]:
             del self._entries[name]
@@ -316,7 +375,10 @@ class Registry:
         """
         _ensure_builtins()
         if name in self._entries:
-            return self._entries[name]
+            entry = self._entries[name]
+            if entry.distribution is None and not entry.is_builtin:
+                self._check_no_plugin_claims(name, entry.cls)  # a plugin installed after register()
+            return entry
         if name in self._failed:
             raise self._failed[name]
         if name in self._scan_plugins():
@@ -338,13 +400,29 @@ class Registry:
         return sorted(names, key=lambda n: ("." in n, n))
 
     def load_all(self) -> tuple[list[ComponentEntry], list[PluginError]]:
-        """Load every component of this kind, each plugin on its own: (working entries, failures)."""
-        entries, errors = [], []
+        """Load every component of this kind, each plugin on its own: (working entries, failures).
+
+        Failures include plugins that cannot be imported or registered, and entry points refused
+        because their name belongs to a built-in or a runtime registration (the holder keeps it).
+        """
+        entries: list[ComponentEntry] = []
+        plugins = self._scan_plugins()
+        errors: list[PluginError] = list(self._scan_errors)
         for name in self.names():
             try:
-                entries.append(self.get(name))
-            except PluginError as exc:
-                errors.append(exc)
+                entry = self.get(name)
+            except RegistryError as exc:
+                errors.append(exc if isinstance(exc, PluginError) else PluginError(
+                    self.kind, name, plugins[name][0].value, plugins[name][0].distribution,
+                    plugins[name][0].version, str(exc)))
+                continue
+            entries.append(entry)
+            if entry.distribution is None and name in plugins:
+                for ref in plugins[name]:
+                    reason = ("bare names are reserved for modelkit's built-in components"
+                              if "." not in name else f"the name is already registered by {entry.origin}")
+                    errors.append(PluginError(self.kind, name, ref.value, ref.distribution, ref.version,
+                                              f"refused: {reason}"))
         return entries, errors
 
 

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serial
 
 from .components.base import ModelDims
 from .errors import PluginError, RegistryError, SpecError, SpecIssue, did_you_mean
-from .registry import KINDS, get_registry
+from .registry import COMPONENT_SCHEMA_KEY, KINDS, get_registry
 
 # slot -> default component (the book's part). Each slot holds a component of the kind of its name.
 SLOT_DEFAULTS: dict[str, str] = {
@@ -271,6 +271,21 @@ def load_spec(source: ModelSpec | Mapping[str, Any] | str | os.PathLike[str]) ->
 
 # -- JSON Schema ----------------------------------------------------------------------------------
 
+def _link_component_refs(node: Any) -> Any:
+    """Replace the registry's nested-component markers with $refs to the kind's definition."""
+    if isinstance(node, dict):
+        if COMPONENT_SCHEMA_KEY in node:
+            kind = node.pop(COMPONENT_SCHEMA_KEY)
+            node.pop("anyOf", None)
+            node["$ref"] = f"#/$defs/{kind}"
+        for value in node.values():
+            _link_component_refs(value)
+    elif isinstance(node, list):
+        for value in node:
+            _link_component_refs(value)
+    return node
+
+
 def spec_json_schema() -> tuple[dict[str, Any], list[PluginError]]:
     """The JSON Schema of a spec, built from the live registry (plugins included).
 
@@ -295,9 +310,11 @@ def spec_json_schema() -> tuple[dict[str, Any], list[PluginError]]:
             part["title"] = f"{kind} '{entry.name}'"
             variants.append(part)
         defs[kind] = {
-            "description": f"a {kind} component: its name, or an object with 'type' and its parameters",
+            "description": f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} component: its name, or an object "
+                           "with 'type' and its parameters",
             "anyOf": [{"type": "string", "enum": [e.name for e in entries]}, {"oneOf": variants}],
         }
+    _link_component_refs(defs)
     props = schema["properties"]
     for slot, default in SLOT_DEFAULTS.items():
         props[slot] = {"$ref": f"#/$defs/{slot}", "default": default}

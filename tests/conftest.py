@@ -1,0 +1,26 @@
+"""Shared fixtures: tiny specs that build in milliseconds, and the book's reference code on sys.path."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+TESTS = Path(__file__).parent
+REPO = TESTS.parent
+sys.path.insert(0, str(TESTS))  # for `import book_reference`
+
+
+def tiny_cfg(**overrides: Any) -> dict[str, Any]:
+    """A 2-layer, 32-wide GPT config in the book's flat format."""
+    cfg: dict[str, Any] = {"vocab_size": 97, "context_length": 16, "emb_dim": 32, "n_heads": 4,
+                           "n_layers": 2, "drop_rate": 0.0, "qkv_bias": False}
+    cfg.update(overrides)
+    return cfg
+
+
+@pytest.fixture
+def tiny() -> dict[str, Any]:
+    return tiny_cfg()
