@@ -182,11 +182,17 @@ def _resolve(kind: str, raw: Any, path: str, issues: list[SpecIssue]) -> Compone
     return ComponentSpec(type=name, params={**values, **filled})
 
 
+def _heads_issue(emb_dim: Any, n_heads: Any) -> SpecIssue | None:
+    """The emb_dim/n_heads check, run whenever both values are themselves valid."""
+    if isinstance(emb_dim, int) and isinstance(n_heads, int) and emb_dim > 0 and n_heads > 0 and emb_dim % n_heads:
+        return SpecIssue("n_heads", f"emb_dim {emb_dim} is not divisible by n_heads {n_heads}")
+    return None
+
+
 def _cross_checks(sizes: _Sizes, slots: dict[str, ComponentSpec | None]) -> list[SpecIssue]:
-    issues = []
+    issues: list[SpecIssue] = []
     if sizes.emb_dim % sizes.n_heads:
-        issues.append(SpecIssue("n_heads", f"emb_dim {sizes.emb_dim} is not divisible by n_heads {sizes.n_heads}"))
-        return issues  # component checks assume a valid head size
+        return issues  # reported by _heads_issue; component checks assume a valid head size
     dims = ModelDims(sizes.vocab_size, sizes.context_length, sizes.emb_dim, sizes.n_heads,
                      sizes.n_layers, sizes.drop_rate, sizes.qkv_bias)
 
@@ -216,6 +222,9 @@ def validate_spec(data: Mapping[str, Any], source: str | None = None) -> ModelSp
         sizes = _Sizes.model_validate(top)
     except ValidationError as exc:
         issues.extend(_translate(exc, "", [*_Sizes.model_fields, *SLOT_DEFAULTS], "field"))
+    heads = _heads_issue(data.get("emb_dim"), data.get("n_heads"))
+    if heads is not None:
+        issues.append(heads)
     slots = {slot: _resolve(slot, data.get(slot, default), slot, issues) for slot, default in SLOT_DEFAULTS.items()}
     if sizes is not None:
         issues.extend(_cross_checks(sizes, slots))
