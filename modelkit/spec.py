@@ -271,6 +271,8 @@ def load_spec(source: ModelSpec | Mapping[str, Any] | str | os.PathLike[str]) ->
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise SpecError([SpecIssue("", f"cannot read the spec file: {exc.strerror or exc}")], str(path)) from None
+        except UnicodeDecodeError:
+            raise SpecError([SpecIssue("", "not a JSON spec (the file is not UTF-8 text)")], str(path)) from None
         data = parse_json(text, str(path))
         if isinstance(data, dict) and "name" not in data:
             data["name"] = path.stem

@@ -1,14 +1,20 @@
-"""``modelkit info CONFIG``: parameters, memory and a per-module summary, built on the meta device."""
+"""``modelkit info CONFIG|CHECKPOINT``: parameters, memory and a per-module summary, built on the meta device.
+
+Given a modelkit checkpoint (a safetensors file) it reads only the file's header (spec and metadata),
+never the tensor data, and adds what the checkpoint records.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..builder import build_model
+from ..checkpoint import CheckpointInfo, is_checkpoint_file, read_checkpoint
 from ..introspect import count_parameters, summarize
 from ..spec import ComponentSpec, ModelSpec, load_spec
 from ._table import format_table
@@ -18,7 +24,7 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser("info", help="parameter counts, memory and module summary of a spec",
                        description="Validate a spec, build it on the meta device (no weights are "
                                    "allocated) and print its parameter counts, memory and modules.")
-    p.add_argument("config", help="a JSON spec file")
+    p.add_argument("config", help="a JSON spec file, or a modelkit checkpoint (.safetensors; only its header is read)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.set_defaults(func=run)
 
@@ -48,14 +54,42 @@ def info_report(spec: ModelSpec) -> dict[str, Any]:
     }
 
 
+def checkpoint_report(info: CheckpointInfo) -> dict[str, Any]:
+    """What a checkpoint's header records, as JSON-ready data."""
+    return {
+        "file_bytes": info.file_size,
+        "format_version": info.format_version,
+        "modelkit_version": info.modelkit_version,
+        "tensors": len(info.tensors),
+        "stored_elements": info.n_parameters,
+        "dtypes": info.dtypes,
+        "tied": info.tied,
+        "plugins": info.plugins,
+        "metadata": info.user_metadata,
+    }
+
+
 def run(args: argparse.Namespace) -> int:
-    spec = load_spec(args.config)
+    is_ckpt = Path(args.config).suffix == ".safetensors" or is_checkpoint_file(args.config)
+    ckpt = read_checkpoint(args.config) if is_ckpt else None
+    spec = ckpt.spec if ckpt is not None else load_spec(args.config)
     report = info_report(spec)
     rows = report.pop("_rows")
+    if ckpt is not None:
+        report["checkpoint"] = checkpoint_report(ckpt)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
     print(f"{spec.name}  ({args.config})")
+    if ckpt is not None:
+        c = report["checkpoint"]
+        plugins = ", ".join(f"{p['type']} ({p['distribution']}=={p['version']})" if p["distribution"]
+                            else f"{p['type']} ({p['module']})" for p in c["plugins"]) or "none"
+        print(f"  checkpoint:  {c['file_bytes']:,} bytes, format {c['format_version']}, written by modelkit "
+              f"{c['modelkit_version']}, {c['tensors']} tensors ({', '.join(c['dtypes'])})")
+        print(f"  plugins:     {plugins}")
+        if c["metadata"]:
+            print(f"  metadata:    {', '.join(f'{k}={v}' for k, v in c['metadata'].items())}")
     print(f"  sizes:       vocab {spec.vocab_size}, context {spec.context_length}, emb {spec.emb_dim}, "
           f"heads {spec.n_heads}, layers {spec.n_layers}, dropout {spec.drop_rate}, qkv_bias {spec.qkv_bias}")
     for slot in ("positional", "norm", "attention", "feedforward", "block"):

@@ -1,0 +1,588 @@
+"""modelkit checkpoints: one safetensors file holding the weights and everything needed to rebuild the model.
+
+The file's metadata holds the fully resolved spec (every default filled in), the checkpoint format
+version, the modelkit and torch versions, the distribution and version of every plugin component the
+spec uses, which tensors are tied, and any metadata the caller adds. Tied weights are stored once
+(``out_head.weight`` is not written when it is ``tok_emb.weight``) and re-tied on load.
+
+Loading never unpickles anything: modelkit checkpoints are safetensors; the book's
+``torch.save(model.state_dict())`` files go through ``torch.load(weights_only=True)``. A model is
+built with its parameters on the meta device (buffers real), the tensor names and shapes are checked
+against it before any tensor data is read, and the weights are then *assigned* (memory-mapped from
+the file, not copied), so loading needs about one copy of the weights in memory. Any problem raises
+:class:`~modelkit.CheckpointError` and no model is returned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from .errors import CheckpointError, PluginError, RegistryError, SpecError
+from .spec import SLOT_DEFAULTS, ComponentSpec, ModelSpec, load_spec
+
+if TYPE_CHECKING:
+    from .model import GPTModel
+
+FORMAT_NAME = "modelkit-checkpoint"
+FORMAT_VERSION = 1
+# Metadata keys modelkit writes; callers may not use these names (or anything starting "modelkit.").
+KEY_FORMAT = "modelkit.format"
+KEY_FORMAT_VERSION = "modelkit.format_version"
+KEY_VERSION = "modelkit.version"
+KEY_SPEC = "modelkit.spec"
+KEY_PLUGINS = "modelkit.plugins"
+KEY_TIED = "modelkit.tied"
+KEY_TORCH = "torch.version"
+_RESERVED = {"format", KEY_TORCH}
+_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
+_MAX_LISTED = 20  # names listed per kind of problem before "... and N more"
+
+# safetensors dtype codes -> torch dtypes (those torch has).
+_ST_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+if hasattr(torch, "float8_e4m3fn"):
+    _ST_DTYPES |= {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+# -- what a checkpoint holds --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor as the file's header describes it (no data read)."""
+
+    shape: tuple[int, ...]
+    dtype: str  # safetensors code: "F32", "BF16", ...
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        return _ST_DTYPES.get(self.dtype)
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What :func:`read_checkpoint` learns from a checkpoint's header alone.
+
+    ``metadata`` is the file's whole metadata; ``user_metadata`` the part the caller of
+    :func:`save_checkpoint` added. ``plugins`` lists the spec's non-built-in components with the
+    distribution and version they came from. ``tied`` maps each tied tensor name to the one stored.
+    """
+
+    path: Path
+    spec: ModelSpec
+    format_version: int
+    modelkit_version: str
+    metadata: dict[str, str]
+    user_metadata: dict[str, str]
+    plugins: list[dict[str, str | None]]
+    tied: dict[str, str]
+    tensors: dict[str, TensorInfo]
+    file_size: int
+    data_offset: int  # where tensor data starts (8 + header length)
+    data_size: int = field(default=0)  # bytes of tensor data the header promises
+
+    @property
+    def n_parameters(self) -> int:
+        """Elements stored in the file (tied tensors counted once)."""
+        return sum(t.numel for t in self.tensors.values())
+
+    @property
+    def dtypes(self) -> list[str]:
+        return sorted({t.dtype for t in self.tensors.values()})
+
+
+# -- component provenance -----------------------------------------------------------------------
+
+def _walk_components(spec: ModelSpec) -> Iterator[tuple[str, str, ComponentSpec]]:
+    """(JSON path, kind, reference) for every component of ``spec``, nested ones included."""
+    from .registry import get_registry
+
+    def walk(path: str, kind: str, ref: ComponentSpec) -> Iterator[tuple[str, str, ComponentSpec]]:
+        yield path, kind, ref
+        subs = get_registry(kind).get(ref.type).sub_components
+        for key, value in ref.params.items():
+            if isinstance(value, ComponentSpec) and key in subs:
+                yield from walk(f"{path}.{key}", subs[key], value)
+
+    for slot in SLOT_DEFAULTS:
+        yield from walk(slot, slot, getattr(spec, slot))
+
+
+def component_provenance(spec: ModelSpec) -> list[dict[str, str | None]]:
+    """Every component of ``spec`` that is not one of modelkit's built-ins, with where it came from:
+    ``{"path", "kind", "type", "distribution", "version", "module"}`` (distribution and version are
+    None for a component registered at runtime rather than through a plugin's entry point)."""
+    from .registry import get_registry
+
+    found = []
+    for path, kind, ref in _walk_components(spec):
+        entry = get_registry(kind).get(ref.type)
+        if entry.distribution is None and entry.origin == "modelkit (built-in)":
+            continue
+        found.append({"path": path, "kind": kind, "type": ref.type, "distribution": entry.distribution,
+                      "version": entry.version, "module": entry.module})
+    return found
+
+
+def _check_plugins_installed(plugins: list[dict[str, str | None]], source: str) -> None:
+    """Raise naming each component the checkpoint needs that this installation cannot provide."""
+    from .registry import get_registry
+
+    problems = []
+    for p in plugins:
+        kind, name = str(p.get("kind")), str(p.get("type"))
+        try:
+            entry = get_registry(kind).get(name)
+        except (PluginError, RegistryError) as exc:
+            if p.get("distribution"):
+                need = f"the plugin {p['distribution']}=={p.get('version')} (pip install {p['distribution']})"
+            else:
+                need = f"the module {p.get('module')} to be imported first (it registers it at runtime)"
+            reason = f": {exc.reason}" if isinstance(exc, PluginError) else " is not installed"
+            problems.append(f"{p.get('path')}: {kind} '{name}' needs {need}{reason}")
+            continue
+        if p.get("distribution") and entry.version and entry.version != p.get("version"):
+            import warnings
+
+            warnings.warn(f"{source}: {kind} '{name}' was saved with {p['distribution']}=={p.get('version')}, "
+                          f"installed is {entry.distribution}=={entry.version}", stacklevel=3)
+    if problems:
+        raise CheckpointError(f"{source}: the checkpoint uses components that are not available here:\n  "
+                              + "\n  ".join(problems))
+
+
+# -- tied tensors ---------------------------------------------------------------------------------
+
+def tied_names(model: nn.Module) -> dict[str, str]:
+    """``{alias: stored name}`` for parameters/buffers reachable under more than one name
+    (the first name in ``state_dict`` order is the one stored)."""
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    for name, tensor in named:
+        key = id(tensor)
+        if key in first:
+            aliases[name] = first[key]
+        else:
+            first[key] = name
+    return aliases
+
+
+def _retie(model: nn.Module, aliases: Mapping[str, str]) -> None:
+    """Make each alias the very same Parameter as its stored name again."""
+    for alias, name in aliases.items():
+        target = model.get_parameter(name) if _is_param(model, name) else model.get_buffer(name)
+        owner_path, _, leaf = alias.rpartition(".")
+        owner = model.get_submodule(owner_path) if owner_path else model
+        setattr(owner, leaf, target)
+
+
+def _is_param(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_parameter(name)
+        return True
+    except AttributeError:
+        return False
+
+
+# -- building without allocating parameters --------------------------------------------------------
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Within the block, every parameter a module registers is moved to the meta device (no memory,
+    no initialisation work); buffers stay real, so derived state (masks, tables) is valid after the
+    parameters are assigned. Parameters already on meta (e.g. a re-assigned tied weight) keep their
+    identity."""
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+def build_empty(spec: ModelSpec | Mapping[str, Any] | str | os.PathLike[str],
+                dtype: torch.dtype | None = None) -> GPTModel:
+    """A :class:`GPTModel` for ``spec`` whose parameters are on the meta device (to be assigned by
+    :func:`load_state_dict_into`) and whose buffers are real, on the CPU, in ``dtype``."""
+    from .builder import build_model
+
+    with _parameters_on_meta():
+        return build_model(spec, dtype=dtype)
+
+
+# -- checking names and shapes before any data is read ---------------------------------------------
+
+@dataclass
+class _Source:
+    """A tensor to load: its shape and dtype now, its data on demand."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype | None
+    get: Callable[[], Tensor]
+
+
+def _shape(s: tuple[int, ...] | torch.Size) -> str:
+    return "(" + ", ".join(str(d) for d in s) + ")"
+
+
+def _listing(title: str, lines: list[str]) -> list[str]:
+    if not lines:
+        return []
+    shown = lines[:_MAX_LISTED]
+    more = [f"    ... and {len(lines) - len(shown)} more"] if len(lines) > len(shown) else []
+    return [f"  {title} ({len(lines)}):", *(f"    {line}" for line in shown), *more]
+
+
+def check_state_dict(model: GPTModel, sources: Mapping[str, tuple[tuple[int, ...], torch.dtype | None]]
+                     ) -> list[str]:
+    """Problems loading tensors ``{name: (shape, dtype)}`` into ``model``, found without any data:
+    lines for missing, unexpected and mis-shaped tensors (each with its shapes). Empty if they fit.
+
+    Names are matched the way ``load_state_dict`` matches them (module hooks included, so the book's
+    ``att.mask`` buffers are accepted), against a meta-device twin of the model.
+    """
+    from .builder import build_model
+
+    twin = build_model(model.spec, device="meta")
+    expected = twin.state_dict(keep_vars=True)
+    aliases = tied_names(twin)
+    misshaped, wrong_dtype = [], []
+    probe: dict[str, Tensor] = {}
+    for name, (shape, dtype) in sources.items():
+        want = expected.get(name)
+        if want is not None and tuple(want.shape) != tuple(shape):
+            misshaped.append(f"{name}: checkpoint {_shape(shape)}, model {_shape(want.shape)}")
+            continue
+        if want is not None and want.is_floating_point() and dtype is not None and not dtype.is_floating_point:
+            wrong_dtype.append(f"{name}: checkpoint {dtype}, model needs a floating point tensor")
+            continue
+        probe[name] = torch.empty(shape, dtype=dtype or torch.float32, device="meta")
+    result = twin.load_state_dict(probe, strict=False, assign=True)
+    bad = {n.split(":")[0] for n in misshaped + wrong_dtype}
+    missing = [f"{n} (model {_shape(expected[n].shape)})" for n in result.missing_keys
+               if n not in bad and not (n in aliases and aliases[n] in sources)]
+    unexpected = [f"{n} (checkpoint {_shape(sources[n][0])})" for n in result.unexpected_keys]
+    return (_listing("missing from the checkpoint", missing)
+            + _listing("unexpected (not in the model)", unexpected)
+            + _listing("mis-shaped", misshaped)
+            + _listing("wrong dtype", wrong_dtype))
+
+
+def _spec_summary(spec: ModelSpec) -> str:
+    return (f"'{spec.name}' (vocab {spec.vocab_size}, context {spec.context_length}, emb {spec.emb_dim}, "
+            f"heads {spec.n_heads}, layers {spec.n_layers}, qkv_bias {spec.qkv_bias}, "
+            f"tie_embeddings {spec.tie_embeddings})")
+
+
+def _load_sources(model: GPTModel, sources: Mapping[str, _Source], source: str, *,
+                  dtype: torch.dtype | None = None, device: torch.device | None = None) -> GPTModel:
+    """Check, then load ``sources`` into ``model`` (assigning when its parameters are on meta)."""
+    problems = check_state_dict(model, {k: (s.shape, s.dtype) for k, s in sources.items()})
+    if problems:
+        raise CheckpointError("\n".join([f"{source} does not fit the spec {_spec_summary(model.spec)}:",
+                                         *problems]))
+    aliases = tied_names(model)
+    tensors: dict[str, Tensor] = {}
+    for name, src in sources.items():
+        t = src.get()
+        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+            t = t.to(dtype)
+        if device is not None and t.device != device:
+            t = t.to(device)
+        tensors[name] = t
+    for alias, name in aliases.items():
+        if alias in tensors and name in tensors:
+            if not torch.equal(tensors[alias].to(tensors[name].device), tensors[name]):
+                raise CheckpointError(f"{source}: the spec ties {alias} to {name}, but the checkpoint holds "
+                                      f"different values for them; use a spec with tie_embeddings false")
+            del tensors[alias]
+    assign = any(p.device.type == "meta" for p in model.parameters())
+    model.load_state_dict(tensors, strict=False, assign=assign)
+    _retie(model, aliases)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    if left:
+        raise CheckpointError(f"{source}: no data for {', '.join(left)}")
+    return model
+
+
+def load_state_dict_into(model: GPTModel, state_dict: Mapping[str, Tensor], *, source: str = "state dict"
+                         ) -> GPTModel:
+    """Load ``state_dict`` (modelkit/book parameter names) into ``model`` and return it.
+
+    Every name and shape is checked first; on any problem a :class:`CheckpointError` lists the
+    missing, unexpected and mis-shaped tensors (with both shapes) and ``model`` is left untouched.
+    A model whose parameters are on the meta device (see :func:`build_empty`) takes the tensors
+    themselves (``assign``); otherwise values are copied into its parameters. Tied weights stay tied.
+    """
+    if not isinstance(state_dict, Mapping) or not all(isinstance(v, Tensor) for v in state_dict.values()):
+        raise CheckpointError(f"{source}: expected a mapping of names to tensors")
+    sources = {k: _Source(tuple(v.shape), v.dtype, lambda v=v: v) for k, v in state_dict.items()}
+    return _load_sources(model, sources, source)
+
+
+# -- reading the header -------------------------------------------------------------------------
+
+def _read_safetensors_header(path: Path) -> tuple[dict[str, Any], int, int]:
+    """(header JSON, data offset, file size), reading only the header bytes."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as fh:
+            raw = fh.read(8)
+            n = int.from_bytes(raw, "little") if len(raw) == 8 else -1
+            if n <= 1 or n > _MAX_HEADER or 8 + n > size:
+                raise CheckpointError(f"{path} is not a safetensors file (no valid header); a modelkit "
+                                      "checkpoint is written by save_checkpoint or `modelkit import-hf`")
+            text = fh.read(n)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
+    try:
+        header = json.loads(text)
+        if not isinstance(header, dict):
+            raise ValueError("not an object")
+    except (ValueError, UnicodeDecodeError):
+        raise CheckpointError(f"{path} is not a safetensors file (its header is not JSON)") from None
+    return header, 8 + n, size
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> CheckpointInfo:
+    """Describe a modelkit checkpoint from its header alone (no tensor data is read).
+
+    Raises :class:`CheckpointError` if the file is not a safetensors file, is a safetensors file
+    without a modelkit spec (e.g. a Hugging Face model: use :func:`modelkit.hf.load_hf_gpt2`),
+    was written by a newer format, or needs components this installation lacks.
+    """
+    path = Path(path)
+    header, offset, size = _read_safetensors_header(path)
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or KEY_SPEC not in meta:
+        raise CheckpointError(f"{path} is a safetensors file but not a modelkit checkpoint (no modelkit spec in "
+                              "its metadata); for a Hugging Face GPT-2 folder use `modelkit import-hf`")
+    try:
+        version = int(meta.get(KEY_FORMAT_VERSION, "0"))
+    except ValueError:
+        version = -1
+    if version < 1 or version > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {meta.get(KEY_FORMAT_VERSION)!r} is not one this "
+                              f"modelkit reads (it reads 1..{FORMAT_VERSION}); upgrade modelkit")
+    try:
+        plugins = json.loads(meta.get(KEY_PLUGINS, "[]"))
+        tied = json.loads(meta.get(KEY_TIED, "{}"))
+        spec_data = json.loads(meta[KEY_SPEC])
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: corrupt modelkit metadata: {exc}") from None
+    _check_plugins_installed(plugins, str(path))
+    try:
+        spec = load_spec(spec_data)
+    except SpecError as exc:
+        raise CheckpointError(f"{path}: the checkpoint's spec is not valid with this modelkit:\n{exc}") from None
+    tensors: dict[str, TensorInfo] = {}
+    end = 0
+    for name, entry in header.items():
+        try:
+            tensors[name] = TensorInfo(tuple(int(d) for d in entry["shape"]), str(entry["dtype"]))
+            end = max(end, int(entry["data_offsets"][1]))
+        except (KeyError, TypeError, ValueError, IndexError):
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for '{name}'") from None
+    user = {k: v for k, v in meta.items() if not k.startswith("modelkit.") and k not in _RESERVED}
+    return CheckpointInfo(path, spec, version, meta.get(KEY_VERSION, "?"), dict(meta), user, plugins, tied,
+                          tensors, size, offset, end)
+
+
+def is_checkpoint_file(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` looks like a safetensors file (by its header), without raising."""
+    try:
+        _read_safetensors_header(Path(path))
+        return True
+    except CheckpointError:
+        return False
+
+
+# -- saving ------------------------------------------------------------------------------------------
+
+def checkpoint_metadata(model: GPTModel, metadata: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The metadata :func:`save_checkpoint` writes for ``model``, ``metadata`` included.
+
+    Raises :class:`CheckpointError` if a caller key is reserved or a value is not a string.
+    """
+    from . import __version__
+
+    extra = dict(metadata or {})
+    for key, value in extra.items():
+        if not isinstance(key, str) or key.startswith("modelkit.") or key in _RESERVED:
+            raise CheckpointError(f"metadata key {key!r} is reserved by modelkit; choose another name")
+        if not isinstance(value, str):
+            raise CheckpointError(f"metadata values must be strings (safetensors stores text); "
+                                  f"got {type(value).__name__} for {key!r}")
+    spec: ModelSpec = model.spec
+    return {
+        **extra,
+        "format": "pt",
+        KEY_FORMAT: FORMAT_NAME,
+        KEY_FORMAT_VERSION: str(FORMAT_VERSION),
+        KEY_VERSION: __version__,
+        KEY_TORCH: torch.__version__,
+        KEY_SPEC: spec.to_json(indent=None),
+        KEY_PLUGINS: json.dumps(component_provenance(spec)),
+        KEY_TIED: json.dumps(tied_names(model)),
+    }
+
+
+def _atomic_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def save_checkpoint(model: GPTModel, path: str | os.PathLike[str], *,
+                    metadata: dict[str, str] | None = None) -> None:
+    """Write ``model`` to ``path`` as a modelkit checkpoint (safetensors).
+
+    The file holds every parameter and persistent buffer once (tied weights once), plus the
+    metadata of :func:`checkpoint_metadata`. It is written to a temporary file in the same folder
+    and renamed over ``path``, so ``path`` is either the old file or the complete new one.
+    """
+    from safetensors.torch import save_file
+
+    if not hasattr(model, "spec") or not isinstance(model.spec, ModelSpec):
+        raise CheckpointError(f"save_checkpoint needs a modelkit GPTModel (with a .spec), got {type(model).__name__}")
+    path = Path(path)
+    md = checkpoint_metadata(model, metadata)
+    aliases = tied_names(model)
+    tensors: dict[str, Tensor] = {}
+    storages: set[tuple[int, int]] = set()
+    for name, t in model.state_dict(keep_vars=True).items():
+        if name in aliases:
+            continue
+        if t.device.type == "meta":
+            raise CheckpointError(f"cannot save: {name} has no data (it is on the meta device); load weights first")
+        t = t.detach().cpu().contiguous()
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if t.numel() and key in storages:  # views of one storage: safetensors needs separate tensors
+            t = t.clone()
+        storages.add((t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()))
+        tensors[name] = t
+    tmp = _atomic_path(path)
+    try:
+        save_file(tensors, str(tmp), metadata=md)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot write checkpoint {path}: {exc.strerror or exc}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# -- loading -----------------------------------------------------------------------------------------
+
+def _resolve_device(device: str | torch.device | None) -> torch.device | None:
+    return torch.device(device) if device is not None else None
+
+
+def load_checkpoint(path: str | os.PathLike[str], *, device: str | torch.device | None = None,
+                    dtype: torch.dtype | None = None) -> GPTModel:
+    """Rebuild the model saved in a modelkit checkpoint, in eval mode.
+
+    The spec comes from the file. Parameters are built on the meta device and the file's tensors
+    assigned to them (memory-mapped on the CPU), so loading needs about one copy of the weights.
+    ``dtype`` converts floating point weights (default: as stored); ``device`` places them.
+    Raises :class:`CheckpointError` (missing/unexpected/mis-shaped tensors listed with their
+    shapes, not a checkpoint, truncated file, missing plugin); no model is returned then.
+    """
+    from safetensors import safe_open
+
+    info = read_checkpoint(path)
+    if dtype is not None and not dtype.is_floating_point:
+        raise CheckpointError(f"dtype must be a floating point dtype, got {dtype}")
+    if info.data_offset + info.data_size != info.file_size:
+        raise CheckpointError(f"{info.path} is truncated or corrupt: its header promises "
+                              f"{info.data_offset + info.data_size:,} bytes, the file has {info.file_size:,}")
+    target = _resolve_device(device)
+    float_dtypes = {t.torch_dtype for t in info.tensors.values() if t.torch_dtype and t.torch_dtype.is_floating_point}
+    build_dtype = dtype or (float_dtypes.pop() if len(float_dtypes) == 1 else None)
+    model = build_empty(info.spec, dtype=build_dtype)
+    open_device = str(target) if target is not None and target.type != "cpu" else "cpu"
+    try:
+        with safe_open(str(info.path), framework="pt", device=open_device) as fh:
+            sources = {name: _Source(t.shape, t.torch_dtype, lambda name=name: fh.get_tensor(name))
+                       for name, t in info.tensors.items()}
+            _load_sources(model, sources, str(info.path), dtype=dtype, device=target)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # safetensors reports corrupt files with its own error types
+        raise CheckpointError(f"cannot read the tensors of {info.path}: {exc}") from None
+    if target is not None:
+        model.to(target)  # buffers
+    return model.eval()
+
+
+def _torch_load(path: Path) -> Any:
+    """``torch.load(weights_only=True)``, memory-mapped when the file format allows it."""
+    try:
+        with path.open("rb") as fh:
+            magic = fh.read(4)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from None
+    zipped = magic == b"PK\x03\x04"
+    if not zipped and not magic.startswith(b"\x80"):  # neither torch's zip format nor a legacy pickle
+        raise CheckpointError(f"{path} is not a torch.save file (nor a safetensors checkpoint)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
+    except Exception as exc:
+        text = str(exc)
+        if "Weights only load failed" in text:
+            detail = next((line.strip() for line in text.splitlines() if "WeightsUnpickler error" in line),
+                          text.strip().splitlines()[0])
+            raise CheckpointError(f"{path} holds Python objects besides tensors; refusing to unpickle them "
+                                  f"(torch.load(weights_only=True) says: {detail})") from None
+        raise CheckpointError(f"{path} is not a readable torch.save file ({type(exc).__name__}: {text[:200]})") from None
+
+
+def load_book_checkpoint(path: str | os.PathLike[str],
+                         spec: ModelSpec | Mapping[str, Any] | str | os.PathLike[str], *,
+                         device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> GPTModel:
+    """Load a ``torch.save(model.state_dict())`` of the book's GPTModel (or of a modelkit model) with
+    the matching ``spec`` (e.g. the book's ``GPT_CONFIG_124M`` dict), in eval mode.
+
+    Read with ``torch.load(weights_only=True)``: nothing is unpickled. The book's chapter-5 dict
+    ``{"model_state_dict": ..., "optimizer_state_dict": ...}`` is accepted too (the model part is
+    used). Errors as in :func:`load_checkpoint`.
+    """
+    path = Path(path)
+    resolved = load_spec(spec)
+    obj = _torch_load(path)
+    if isinstance(obj, Mapping) and "model_state_dict" in obj and isinstance(obj["model_state_dict"], Mapping):
+        obj = obj["model_state_dict"]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} does not hold a state dict (a mapping of names to tensors); "
+                              f"found {type(obj).__name__}")
+    target = _resolve_device(device)
+    model = build_empty(resolved, dtype=dtype)
+    sources = {k: _Source(tuple(v.shape), v.dtype, lambda v=v: v) for k, v in obj.items()}
+    _load_sources(model, sources, str(path), dtype=dtype, device=target)
+    if target is not None:
+        model.to(target)
+    return model.eval()
