@@ -7,6 +7,7 @@ The small public API::
 
 from .builder import build_model
 from .errors import CheckpointError, GenerationError, PluginError, RegistryError, SpecError
+from .generation import generate, stream_generate
 from .introspect import count_parameters
 from .model import GPTModel
 from .registry import KINDS, SubComponent, get_registry, register, registries
@@ -18,4 +19,5 @@ __all__ = [
     "KINDS", "CheckpointError", "ComponentSpec", "GPTModel", "GenerationError", "ModelSpec", "PluginError",
     "RegistryError", "SpecError", "SubComponent", "build_model", "count_parameters", "get_registry",
     "load_spec", "register", "registries", "__version__",
+    "generate", "stream_generate",
 ]
