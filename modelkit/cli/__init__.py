@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from ..errors import CheckpointError, GenerationError, RegistryError, SpecError
 
 # Command modules, in the order ``modelkit --help`` lists them.
-COMMANDS: tuple[str, ...] = ("info", "spec", "schema", "components")
+COMMANDS: tuple[str, ...] = ("info", "spec", "schema", "components", "generate", "train", "compare")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,134 @@
+"""``modelkit generate``: extend a prompt with a model and stream the text to stdout as it is made."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+import torch
+
+from ..builder import build_model
+from ..errors import CheckpointError, GenerationError
+from ..generation import check_sampling_args, stream_generate
+from ..model import GPTModel
+from ..spec import load_spec
+from ..tokenizer import IncrementalDecoder, get_tokenizer, text_to_token_ids
+
+DEFAULT_SEED = 123
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "generate", help="generate text from a prompt (streams to stdout)",
+        description="Extend --prompt with a model and print the text as it is generated. Without "
+                    "--checkpoint the model is built from --config with random weights "
+                    "(torch.manual_seed(SEED) first, as in the book). Sampling uses torch's global RNG "
+                    "reseeded with SEED just before generating, so the tokens are those of the book's "
+                    "code after torch.manual_seed(SEED).")
+    p.add_argument("--config", metavar="CONFIG", help="a JSON spec file (required without --checkpoint)")
+    p.add_argument("--checkpoint", metavar="FILE",
+                   help="trained weights: a modelkit checkpoint (its own spec is used; --config, if "
+                        "given, must describe the same model), or the book's torch.save(state_dict) "
+                        "file with --config naming its spec")
+    p.add_argument("--prompt", required=True, metavar="TEXT", help="the text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=50, metavar="N", help="tokens to generate (default 50)")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                   help="0 = greedy (default); higher = more random")
+    p.add_argument("--top-k", type=int, default=None, metavar="K", help="sample among the K most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, metavar="P",
+                   help="sample among the most likely tokens whose probability reaches P (nucleus)")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, metavar="S",
+                   help=f"seed for the random weights and for sampling (default {DEFAULT_SEED})")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole window at every step")
+    p.add_argument("--eos", action="store_true", help="stop at <|endoftext|> (not printed)")
+    p.set_defaults(func=run)
+
+
+def load_checkpoint_model(path: str, config: str | None) -> GPTModel:
+    """The model saved in ``path``: a modelkit checkpoint (its own spec), or, with ``config``, the
+    book's ``torch.save(model.state_dict())`` file loaded into that spec (:mod:`modelkit.checkpoint`)."""
+    try:
+        from .. import checkpoint  # the checkpoint feature; imported only when a checkpoint is asked for
+    except ModuleNotFoundError as exc:
+        if exc.name != "modelkit.checkpoint":
+            raise
+        raise CheckpointError(
+            f"cannot load {path}: this installation of modelkit has no checkpoint support (modelkit.checkpoint)"
+        ) from exc
+    if config is not None and not checkpoint.is_checkpoint_file(path):
+        return checkpoint.load_book_checkpoint(path, config)
+    model = checkpoint.load_checkpoint(path)
+    if config is not None:
+        check_same_spec(model, config, path)
+    return model
+
+
+def check_same_spec(model: GPTModel, config: str, checkpoint: str) -> None:
+    """Raise :class:`CheckpointError` if ``config`` describes another model than the checkpoint's spec.
+
+    The name is ignored; every size and component (with its parameters) must match.
+    """
+    ours = load_spec(config).model_dump(exclude={"name"})
+    theirs = model.spec.model_dump(exclude={"name"})
+    differ = [key for key in sorted(set(ours) | set(theirs)) if ours.get(key) != theirs.get(key)]
+    if differ:
+        details = "; ".join(f"{key}: checkpoint {theirs.get(key)!r}, config {ours.get(key)!r}" for key in differ)
+        raise CheckpointError(
+            f"{checkpoint} was saved with another spec than {config} ({details}); "
+            "omit --config to use the checkpoint's own spec"
+        )
+
+
+def load_model(args: argparse.Namespace) -> GPTModel:
+    """The model to generate with, in eval mode: from the checkpoint, or seeded random weights."""
+    if args.checkpoint is not None:
+        if not os.path.exists(args.checkpoint):
+            raise CheckpointError(f"checkpoint file not found: {args.checkpoint}")
+        model = load_checkpoint_model(args.checkpoint, args.config)
+    else:
+        spec = load_spec(args.config)
+        torch.manual_seed(args.seed)
+        model = build_model(spec)
+        print(f"note: no --checkpoint: the weights are untrained (random, seed {args.seed}), "
+              "so the text is gibberish", file=sys.stderr)
+    return model.eval()
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.config is None and args.checkpoint is None:
+        raise GenerationError("give --config CONFIG (random weights) or --checkpoint FILE (trained weights)")
+    if args.prompt == "":
+        raise GenerationError("the prompt is empty; give some text with --prompt")
+    if args.max_new_tokens < 0:
+        raise GenerationError(f"max_new_tokens must be >= 0, got {args.max_new_tokens}")
+    check_sampling_args(args.temperature, args.top_k, args.top_p)  # before building anything
+    tokenizer = get_tokenizer()
+    model = load_model(args)
+    if model.spec.vocab_size < tokenizer.n_vocab:
+        raise GenerationError(
+            f"the model has vocab_size {model.spec.vocab_size}, fewer than the GPT-2 tokenizer's "
+            f"{tokenizer.n_vocab} tokens; generating text needs vocab_size >= {tokenizer.n_vocab}"
+        )
+    idx = text_to_token_ids(args.prompt, tokenizer)
+    eos_id = tokenizer.eot_token if args.eos else None
+    out = sys.stdout
+    out.write(args.prompt)
+    out.flush()
+    decoder = IncrementalDecoder(tokenizer)
+    torch.manual_seed(args.seed)
+    for token in stream_generate(model, idx, args.max_new_tokens, temperature=args.temperature,
+                                 top_k=args.top_k, top_p=args.top_p, eos_id=eos_id,
+                                 use_cache=not args.no_cache):
+        token_id = int(token[0, 0])
+        if token_id == eos_id:
+            break
+        # ids past the tokenizer's (a padded vocabulary) have no text
+        text = decoder.feed(token_id) if token_id < tokenizer.n_vocab else "\ufffd"
+        if text:
+            out.write(text)
+            out.flush()
+    out.write(decoder.flush() + "\n")
+    out.flush()
+    return 0
