@@ -399,6 +399,11 @@ class Registry:
         names = set(self._entries) | set(self._scan_plugins())
         return sorted(names, key=lambda n: ("." in n, n))
 
+    def builtins(self) -> list[ComponentEntry]:
+        """modelkit's own components of this kind (imports no plugin code)."""
+        _ensure_builtins()
+        return [e for e in self._entries.values() if e.is_builtin]
+
     def load_all(self) -> tuple[list[ComponentEntry], list[PluginError]]:
         """Load every component of this kind, each plugin on its own: (working entries, failures).
 
