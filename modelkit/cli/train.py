@@ -1,0 +1,128 @@
+"""``modelkit train``: train a spec on a text file (one process, or many under torchrun)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..data import DataError
+from ..plots import PlotError
+from ..train import TrainConfig, TrainError, find_checkpoint, resume_config
+
+EPILOG = """\
+examples:
+  modelkit train --config configs/tiny.json --data book.txt --steps 500 --plot
+  modelkit train --resume runs/tiny --steps 1000          # continue exactly where it stopped
+  torchrun --nproc-per-node 4 -m modelkit train --config configs/tiny.json --data book.txt
+several machines (run on each; --node-rank 0..N-1, the endpoint is node 0's address):
+  torchrun --nnodes 2 --node-rank 0 --nproc-per-node 8 --master-addr 10.0.0.1 --master-port 29500 \\
+      -m modelkit train --config configs/tiny.json --data book.txt
+"""
+
+# option -> (TrainConfig field, type, help)
+OPTIONS: dict[str, tuple[str, Any, str]] = {
+    "--steps": ("steps", int, "optimizer steps (default: one epoch)"),
+    "--epochs": ("epochs", int, "passes over the training windows"),
+    "--batch-size": ("batch_size", int, "windows per batch per process (default 4); global batch = this x processes"),
+    "--max-length": ("max_length", int, "tokens per window (default: the spec's context_length)"),
+    "--stride": ("stride", int, "tokens between window starts (default: max-length)"),
+    "--val-fraction": ("val_fraction", float, "last fraction of the text's characters held out (default 0.1)"),
+    "--lr": ("lr", float, "peak learning rate (default 4e-4)"),
+    "--weight-decay": ("weight_decay", float, "AdamW weight decay (default 0.1)"),
+    "--warmup-steps": ("warmup_steps", int, "linear warm-up steps (default 0)"),
+    "--min-lr": ("min_lr", float, "cosine-decay the learning rate to this by the last step (default: constant)"),
+    "--grad-clip": ("grad_clip", float, "clip the gradient norm to this (default: no clipping)"),
+    "--eval-every": ("eval_every", int, "evaluate every N steps (default 50)"),
+    "--eval-batches": ("eval_batches", int, "global batches of each split to evaluate (default 5)"),
+    "--save-every": ("save_every", int, "write a resumable checkpoint every N steps (always at the end)"),
+    "--seed": ("seed", int, "seed for the weights, data order and dropout (default 123)"),
+    "--device": ("device", str, "auto (default), cpu, cuda, cuda:N, mps"),
+}
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "train", help="train a spec on a text file (AdamW, book-style windows, resumable checkpoints)",
+        description="Tokenise a text with the GPT-2 tokenizer, cut it into the book's windows, hold out the "
+                    "end for validation, and train with AdamW and cross-entropy. Writes metrics.jsonl, "
+                    "resumable checkpoints and the final model.safetensors to --out. Runs unchanged under "
+                    "torchrun (DistributedDataParallel; only rank 0 writes).",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="the model spec (JSON); optional with --resume")
+    p.add_argument("--data", required=True, help="a UTF-8 text file to train on")
+    p.add_argument("--out", help="run folder (default: runs/<spec name>, or the resumed run's folder)")
+    p.add_argument("--resume", metavar="DIR", help="a checkpoint folder, or a run folder (its latest checkpoint)")
+    p.add_argument("--pause-at", type=int, metavar="STEP",
+                   help="stop after this step (checkpoint written) without changing the schedule")
+    for flag, (_, kind, text) in OPTIONS.items():
+        p.add_argument(flag, type=kind, default=None, help=text)
+    p.add_argument("--no-shuffle", dest="shuffle", action="store_const", const=False, default=None,
+                   help="take the windows in order instead of a seeded shuffle per epoch")
+    p.add_argument("--plot", action="store_const", const=True, default=None,
+                   help="write loss.png (needs matplotlib: pip install 'modelkit[plot]')")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def _read_text(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"data file not found: {path}") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"data file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise DataError(f"cannot read data file {path}: {exc.strerror or exc}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except (TrainError, DataError, PlotError) as exc:
+        print(f"modelkit train: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ..spec import load_spec
+    from ..train import train
+
+    explicit = {field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _, _) in OPTIONS.items()}
+    explicit.update(shuffle=args.shuffle, plot=args.plot)
+    explicit = {k: v for k, v in explicit.items() if v is not None}
+    if args.config is None and args.resume is None:
+        raise TrainError("give --config (or --resume a checkpoint)")
+    spec = load_spec(args.config) if args.config else None
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.resume:
+        if "steps" in explicit or "epochs" in explicit:  # a new length replaces the saved one
+            explicit.setdefault("steps", None)
+            explicit.setdefault("epochs", None)
+        config = resume_config(args.resume, world, **explicit)
+        folder = find_checkpoint(args.resume)
+        default_out = folder.parent.parent if folder.parent.name == "checkpoints" else folder.parent
+    else:
+        config = TrainConfig(**explicit)
+        assert spec is not None
+        default_out = Path("runs") / spec.name
+    out = Path(args.out) if args.out else default_out
+    text = _read_text(args.data)
+    result = train(spec, text, config, out_dir=out, resume=args.resume, pause_at=args.pause_at,
+                   progress=not args.quiet)
+    if int(os.environ.get("RANK", "0")) == 0:
+        evals = [m for m in result.metrics if "val_loss" in m]
+        print(f"trained {result.step} steps, {result.tokens:,} tokens, {result.tokens_per_s:,.0f} tokens/s"
+              + (f" ({world} processes)" if world > 1 else ""))
+        if evals:
+            print(f"validation loss: {evals[0]['val_loss']:.3f} (step {evals[0]['step']}) -> "
+                  f"{evals[-1]['val_loss']:.3f} (step {evals[-1]['step']})")
+        print(f"model:       {out / 'model.safetensors'}")
+        print(f"metrics:     {out / 'metrics.jsonl'}")
+        if result.checkpoint is not None:
+            print(f"checkpoint:  {result.checkpoint}  (continue with --resume {out})")
+        if config.plot:
+            print(f"loss curve:  {out / 'loss.png'}")
+    return 0

@@ -1,0 +1,96 @@
+"""PNG plots of training curves and gradient norms (needs the optional extra: ``pip install modelkit[plot]``).
+
+matplotlib is imported when a plot is drawn, never at import time, with the non-interactive Agg
+backend so plotting works on servers without a display.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+
+class PlotError(RuntimeError):
+    """A plot was asked for but matplotlib is not installed."""
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+    except ImportError:
+        raise PlotError("plots need matplotlib: pip install 'modelkit[plot]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def require_matplotlib() -> None:
+    """Raise :class:`PlotError` now (before a long run) if plots cannot be drawn."""
+    _pyplot()
+
+
+def _series(metrics: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    xs = [float(m["tokens"]) for m in metrics if key in m]
+    ys = [float(m[key]) for m in metrics if key in m]
+    return xs, ys
+
+
+def plot_loss_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | os.PathLike[str],
+                     title: str | None = None) -> Path:
+    """Write a PNG of loss against tokens seen for one or more runs; returns the path.
+
+    ``runs`` maps a label to its metric lines (as in ``metrics.jsonl``). Each run draws its
+    per-step training loss (thin) and its validation loss (thick, markers) in one colour.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (label, metrics) in enumerate(runs.items()):
+        colour = colours[i % len(colours)]
+        xs, ys = _series(metrics, "train_loss")
+        if xs:
+            ax.plot(xs, ys, color=colour, alpha=0.35, linewidth=1, label=f"{label} train (per step)")
+        xs, ys = _series(metrics, "val_loss")
+        if xs:
+            ax.plot(xs, ys, color=colour, linewidth=2, marker="o", markersize=3, label=f"{label} validation")
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("cross-entropy loss (nats/token)")
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def plot_training(metrics: Sequence[Mapping[str, Any]], path: str | os.PathLike[str], title: str | None = None) -> Path:
+    """The loss curve of one run (see :func:`plot_loss_curves`)."""
+    return plot_loss_curves({title or "run": metrics}, path, title=title)
+
+
+def plot_grad_norms(norms: Mapping[str, Sequence[float]], path: str | os.PathLike[str],
+                    title: str = "gradient norm of each layer's feed-forward output weight at initialisation") -> Path:
+    """Write a PNG of per-layer gradient norms (log scale), one line per variant; returns the path."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for label, values in norms.items():
+        ax.plot(range(1, len(values) + 1), values, marker="o", label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("‖∂L/∂W‖ (Frobenius)")
+    ax.set_title(title, fontsize="medium")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
