@@ -1,0 +1,73 @@
+"""Grouped-query attention (kind ``attention``), Ainslie et al. 2023, "GQA"."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Annotated, Any
+
+from pydantic import Field
+from torch import Tensor, nn
+
+from modelkit.components.attention import BackendName, attend
+from modelkit.components.base import Attention, LayerContext, ModelDims
+from modelkit.components.kernels import get_attention_kernel
+
+
+class GroupedQueryAttention(Attention):
+    """Grouped-query attention (Ainslie et al. 2023): n_heads query heads share num_kv_heads key/value heads.
+
+    ``num_kv_heads`` must divide ``n_heads`` (None: as many as n_heads, i.e. multi-head attention;
+    1: multi-query attention). Projections ``W_query`` (emb -> emb), ``W_key``/``W_value``
+    (emb -> num_kv_heads·head_dim, biased if the spec's ``qkv_bias``) and ``out_proj``. Only the
+    num_kv_heads key/value heads are cached; they are shared by their query groups after caching.
+    ``backend`` picks the kernel, as for ``mha``; dropout applies to the attention weights.
+    """
+
+    def __init__(
+        self,
+        dims: ModelDims,
+        *,
+        num_kv_heads: Annotated[int | None, Field(gt=0, description="key/value heads; must divide n_heads (None: n_heads)")] = None,
+        backend: BackendName = "sdpa",
+        out_bias: Annotated[bool, Field(description="bias in out_proj")] = False,
+    ) -> None:
+        super().__init__()
+        problems = list(self.check_dims(dims, num_kv_heads=num_kv_heads))
+        if problems:
+            raise ValueError("; ".join(problems))
+        self.num_heads = dims.n_heads
+        self.num_kv_heads = num_kv_heads or dims.n_heads
+        self.head_dim = dims.head_dim
+        self.d_out = dims.emb_dim
+        kv_dim = self.num_kv_heads * self.head_dim
+        self.W_query = nn.Linear(dims.emb_dim, dims.emb_dim, bias=dims.qkv_bias)
+        self.W_key = nn.Linear(dims.emb_dim, kv_dim, bias=dims.qkv_bias)
+        self.W_value = nn.Linear(dims.emb_dim, kv_dim, bias=dims.qkv_bias)
+        self.out_proj = nn.Linear(dims.emb_dim, dims.emb_dim, bias=out_bias)
+        self.dropout = nn.Dropout(dims.drop_rate)
+        self.backend = backend
+        self.kernel = get_attention_kernel(backend)
+
+    @classmethod
+    def check_dims(cls, dims: ModelDims, **params: Any) -> Iterable[str]:
+        kv = params.get("num_kv_heads")
+        if kv is not None and dims.n_heads % kv:
+            return [f"n_heads {dims.n_heads} is not divisible by num_kv_heads {kv}"]
+        return ()
+
+    def residual_projections(self) -> list[nn.Linear]:
+        return [self.out_proj]
+
+    def forward(self, x: Tensor, ctx: LayerContext | None = None) -> Tensor:
+        """``x: (b, s, emb_dim)`` -> ``(b, s, emb_dim)``, causal; caches ``(b, num_kv_heads, s, d)``."""
+        b, s, _ = x.shape
+        q = self.W_query(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.W_key(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.W_value(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        dropout_p = self.dropout.p if self.training else 0.0
+        out = attend(q, k, v, ctx, self.kernel, dropout_p)
+        return self.out_proj(out.transpose(1, 2).reshape(b, s, self.d_out))
+
+    def extra_repr(self) -> str:
+        return (f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+                f"backend={self.backend}")
