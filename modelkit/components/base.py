@@ -16,11 +16,30 @@ Forward contracts (``b`` batch, ``s`` sequence, ``e`` emb_dim, ``h`` heads, ``d`
 - :class:`Attention`: ``forward(x, ctx)`` with ``x: (b, s, e)`` -> ``(b, s, e)``. It must be causal,
   apply ``ctx.positional.rotate`` to q/k and ``ctx.positional.attention_bias`` to the scores, and,
   when ``ctx.cache`` is set, pass its new keys/values through ``ctx.cache.update`` and attend over
-  what that returns (see :mod:`modelkit.cache`).
+  what that returns (see :mod:`modelkit.cache`). The simplest way to do all of that is to compute
+  q ``(b, h, s, d)`` and k/v ``(b, h_kv, s, d)`` and call
+  :func:`modelkit.components.attention.attend` with a kernel from
+  :func:`~modelkit.components.kernels.get_attention_kernel` (a ``backend`` parameter annotated
+  ``BackendName`` offers the same kernels as ``mha``).
 - :class:`Positional`: where positions enter; override any of ``embedding`` (added to the token
   embeddings), ``rotate`` (q/k rotation, as RoPE) and ``attention_bias`` (score bias, as ALiBi).
+  Hooks receive *absolute* positions (continuing after the cached tokens), so computing from them
+  makes a positional work with the KV cache unchanged.
 - :class:`Block`: ``forward(x, ctx) -> (b, s, e)``; builds its parts with ``parts.norm()``,
   ``parts.attention()`` and ``parts.feedforward()`` and arranges norms, shortcuts and dropout.
+
+The KV cache: the model creates one :class:`~modelkit.cache.LayerKVCache` per block and hands it
+down in ``ctx.cache``; only attention touches it (keys already rotated, with however many key/value
+heads it has). Other kinds take part simply by being position-wise.
+
+Rules every component follows (checked by :func:`modelkit.testing.check_component`): causal,
+deterministic in eval mode, all state it needs in its state dict (a fresh instance that loads it
+computes the same), constructible on the meta device (tensors needed at run time are parameters,
+persistent buffers, or computed in forward), exact under the KV cache.
+
+Registering: built-ins use :func:`modelkit.register`; a third-party package declares one entry point
+per component in the group ``modelkit.<kind>`` (name ``namespace.name``, value ``module:Class``) and
+its modules register nothing on import. Bare names are modelkit's; duplicate names are an error.
 """
 
 from __future__ import annotations
