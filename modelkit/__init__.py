@@ -6,8 +6,10 @@ The small public API::
 """
 
 from .builder import build_model
+from .checkpoint import load_book_checkpoint, load_checkpoint, read_checkpoint, save_checkpoint
 from .errors import CheckpointError, GenerationError, PluginError, RegistryError, SpecError
 from .generation import generate, stream_generate
+from .hf import export_hf_gpt2, load_hf_gpt2
 from .introspect import count_parameters
 from .model import GPTModel
 from .registry import KINDS, SubComponent, get_registry, register, registries
@@ -20,4 +22,5 @@ __all__ = [
     "RegistryError", "SpecError", "SubComponent", "build_model", "count_parameters", "get_registry",
     "load_spec", "register", "registries", "__version__",
     "generate", "stream_generate",
+    "save_checkpoint", "load_checkpoint", "read_checkpoint", "load_book_checkpoint", "load_hf_gpt2", "export_hf_gpt2",
 ]

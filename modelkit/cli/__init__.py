@@ -10,7 +10,8 @@ from collections.abc import Sequence
 from ..errors import CheckpointError, GenerationError, RegistryError, SpecError
 
 # Command modules, in the order ``modelkit --help`` lists them.
-COMMANDS: tuple[str, ...] = ("info", "spec", "schema", "components", "generate", "train", "compare")
+COMMANDS: tuple[str, ...] = ("info", "spec", "schema", "components", "generate", "train", "compare", "import_hf",
+                             "export_hf")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,36 @@
+"""``modelkit import-hf DIR OUT``: a Hugging Face GPT-2 folder -> a modelkit checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("import-hf", help="convert a Hugging Face GPT-2 folder to a modelkit checkpoint",
+                       description="Read a Hugging Face GPT-2 folder (config.json with model.safetensors or "
+                                   "pytorch_model.bin, GPT2LMHeadModel or GPT2Model weights) and write a "
+                                   "modelkit checkpoint (safetensors with the resolved spec).")
+    p.add_argument("folder", metavar="DIR", help="the Hugging Face model folder")
+    p.add_argument("output", metavar="OUT", help="the modelkit checkpoint to write (.safetensors)")
+    p.add_argument("--spec", help="a spec to use instead of the folder's config.json "
+                                  "(e.g. configs/pretrained/gpt2.json)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="convert the weights (default: as stored)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..checkpoint import save_checkpoint
+    from ..hf import load_hf_gpt2
+    from ..introspect import count_parameters
+
+    model = load_hf_gpt2(args.folder, spec=args.spec, dtype=DTYPES[args.dtype] if args.dtype else None)
+    save_checkpoint(model, args.output, metadata={"source": f"hf:{args.folder}"})
+    count = count_parameters(model)
+    print(f"wrote {args.output}: '{model.spec.name}', {count.total:,} parameters "
+          f"({model.tok_emb.weight.dtype}), from {args.folder}")
+    return 0
