@@ -310,6 +310,10 @@ def _check_meta_device(sub: _Subject) -> None:
             f"'{key}' is {tuple(meta_sd[key].shape)} {meta_sd[key].dtype} on meta, "
             f"{tuple(real_sd[key].shape)} {real_sd[key].dtype} otherwise")
     meta.to_empty(device="cpu")
+    with torch.no_grad():  # what load_state_dict does not fill stays NaN, never stale memory
+        for t in [*meta.parameters(), *meta.buffers()]:
+            if t.is_floating_point():
+                t.fill_(float("nan"))
     meta.load_state_dict(real_sd)
     meta.eval()
     x = sub.inputs()
