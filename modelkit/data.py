@@ -184,7 +184,12 @@ def shard_indices(n: int, rank: int, world_size: int) -> list[int]:
 def make_train_loader(dataset: GPTDatasetV1, batch_size: int, *, rank: int = 0, world_size: int = 1,
                       seed: int = 0, shuffle: bool = True, start: int = 0,
                       stop: int | None = None) -> DataLoader[tuple[Tensor, Tensor]]:
-    """A DataLoader over this rank's batches of global batches ``start..stop-1`` (see the sampler)."""
+    """A DataLoader over this rank's batches of global batches ``start..stop-1`` (see the sampler).
+
+    Iterating it leaves torch's global random state untouched, so dropout draws do not depend on
+    where a run was resumed.
+    """
     sampler = ShardedBatchSampler(len(dataset), batch_size, rank=rank, world_size=world_size, seed=seed,
                                   shuffle=shuffle, start=start, stop=stop)
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=0)
+    # its own generator: creating the iterator then draws no number from torch's global RNG
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=0, generator=torch.Generator())

@@ -398,8 +398,8 @@ def evaluate(model: nn.Module, dataset: GPTDatasetV1, num_windows: int, batch_si
 
 # -- the run --------------------------------------------------------------------------------------
 
-def _prepare_data(data: TokenSource, val_data: TokenSource | None, config: TrainConfig,
-                  max_length: int, stride: int) -> tuple[GPTDatasetV1, GPTDatasetV1 | None, Tensor, Tensor]:
+def _prepare_data(data: TokenSource, val_data: TokenSource | None, config: TrainConfig, max_length: int,
+                  stride: int, vocab_size: int) -> tuple[GPTDatasetV1, GPTDatasetV1 | None, Tensor, Tensor]:
     if val_data is not None:
         train_ids, val_ids = as_token_ids(data), as_token_ids(val_data)
     elif isinstance(data, str):
@@ -407,6 +407,11 @@ def _prepare_data(data: TokenSource, val_data: TokenSource | None, config: Train
         train_ids, val_ids = as_token_ids(train_text), as_token_ids(val_text)
     else:
         train_ids, val_ids = split_token_ids(as_token_ids(data), config.val_fraction)
+    for label, ids in (("training", train_ids), ("validation", val_ids)):
+        if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+            bad = int(ids.max()) if int(ids.max()) >= vocab_size else int(ids.min())
+            raise DataError(f"the {label} data hold token id {bad}, outside the model's vocabulary "
+                            f"0..{vocab_size - 1} (vocab_size {vocab_size}; GPT-2 text needs 50257)")
     train_set = GPTDatasetV1(train_ids, max_length=max_length, stride=stride)
     if len(train_set) == 0:
         raise DataError(f"the training split has {len(train_ids)} tokens, not enough for one window of "
@@ -500,7 +505,8 @@ def train(spec: ModelSpec | Mapping[str, Any] | str | os.PathLike[str] | None, d
             raise TrainError(f"max_length {max_length} exceeds the model's context_length {model_spec.context_length}")
         config = dataclasses.replace(config, max_length=max_length, stride=config.stride or max_length)
         assert config.stride is not None
-        train_set, val_set, train_ids, val_ids = _prepare_data(data, val_data, config, max_length, config.stride)
+        train_set, val_set, train_ids, val_ids = _prepare_data(data, val_data, config, max_length, config.stride,
+                                                                 model_spec.vocab_size)
         train_fp = fingerprint(train_ids)
         if saved is not None:
             _check_resume(saved, config, load_spec(spec) if spec is not None else None, ckpt_spec, train_fp,
