@@ -416,3 +416,17 @@ def test_info_on_a_non_checkpoint_is_a_clear_error(tmp_path: Path, capsys: pytes
     (tmp_path / "noise.safetensors").write_bytes(os.urandom(256))
     assert cli_main(["info", str(tmp_path / "noise.safetensors")]) == 2
     assert "is not a safetensors file" in capsys.readouterr().err
+
+
+def test_plugin_components_record_their_distribution_and_round_trip(tmp_path: Path) -> None:
+    if "llama.rope" not in get_registry("positional"):
+        pytest.skip("the modelkit-llama plugin is not installed")
+    from importlib.metadata import version
+
+    cfg = tiny(positional="llama.rope", norm="llama.rmsnorm", feedforward="llama.swiglu")
+    model, path = saved(tmp_path, cfg)
+    plugins = {p["path"]: p for p in read_checkpoint(path).plugins}
+    assert set(plugins) == {"positional", "norm", "feedforward"}
+    assert {(p["distribution"], p["version"]) for p in plugins.values()} == {("modelkit-llama", version("modelkit-llama"))}
+    with torch.no_grad():
+        assert torch.equal(load_checkpoint(path)(tokens()), model(tokens()))
