@@ -1,0 +1,184 @@
+"""Comparing variants: analytic FLOPs against torch's FLOP counter, sizes by hand, gradient norms
+against autograd, overrides, plugin components, and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from modelkit import PluginError, RegistryError, SpecError, build_model, get_registry, load_spec
+from modelkit.cli import main
+from modelkit.compare import (
+    CompareError,
+    CompareOptions,
+    apply_overrides,
+    compare,
+    ffn_grad_norms,
+    flops_per_token,
+    parse_override,
+)
+from modelkit.components.base import FeedForward, ModelDims
+from modelkit.testing import synthetic_text, tiny_model_spec, with_component
+
+EAGER = {"type": "mha", "backend": "eager"}  # torch's FLOP counter sees eager attention's matmuls
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class GatedFeedForward(FeedForward):
+    """A third-party feed-forward (registered at runtime in these tests): down(a · sigmoid(b))."""
+
+    def __init__(self, dims: ModelDims, *, hidden_mult: int = 2) -> None:
+        super().__init__()
+        hidden = hidden_mult * dims.emb_dim
+        self.up = nn.Linear(dims.emb_dim, 2 * hidden)
+        self.down = nn.Linear(hidden, dims.emb_dim)
+
+    def residual_projections(self) -> list[nn.Linear]:
+        return [self.down]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.up(x).chunk(2, dim=-1)
+        return self.down(a * torch.sigmoid(b))
+
+
+@pytest.fixture
+def gated_plugin():
+    registry = get_registry("feedforward")
+    registry.register("testkit.gated", GatedFeedForward)
+    yield "testkit.gated"
+    registry.unregister("testkit.gated")
+
+
+def counted_flops_per_token(spec, seq: int) -> float:
+    model = build_model(spec).eval()
+    ids = torch.randint(0, spec.vocab_size, (2, seq))
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(ids)
+    return counter.get_total_flops() / (2 * seq)
+
+
+@pytest.mark.parametrize("overrides", [
+    {}, {"tie_embeddings": True}, {"n_layers": 3, "context_length": 24},
+    {"feedforward": {"type": "mlp", "hidden_mult": 2}},
+])
+def test_flops_per_token_equal_torch_flop_counter(overrides):
+    spec = load_spec(tiny_model_spec(vocab_size=97, attention=EAGER, **overrides))
+    assert flops_per_token(spec) == counted_flops_per_token(spec, spec.context_length)
+
+
+def test_flops_per_token_of_a_plugin_component(gated_plugin):
+    spec = load_spec(tiny_model_spec(vocab_size=97, attention=EAGER, feedforward=gated_plugin))
+    assert flops_per_token(spec) == counted_flops_per_token(spec, spec.context_length)
+
+
+def test_flops_formula_for_every_config_at_tiny_size(modelkit_config):
+    """Each shipped config's components, shrunk: the analytic count equals torch's counter."""
+    try:
+        spec = apply_overrides(load_spec(modelkit_config), {
+            "n_layers": 2, "emb_dim": 64, "n_heads": 4, "context_length": 16, "vocab_size": 101,
+            "attention.backend": "eager"})
+    except (PluginError, RegistryError, SpecError) as exc:
+        pytest.skip(f"{modelkit_config.name} needs what is not installed here: {exc}")
+    assert flops_per_token(spec) == counted_flops_per_token(spec, 16)
+
+
+def test_gpt2_small_flops_by_hand():
+    spec = load_spec("configs/gpt2-small.json")
+    matmul = 12 * (4 * 768 * 768 + 2 * 768 * 3072) + 768 * 50257  # q, k, v, out; ff in/out; head
+    assert flops_per_token(spec) == 2 * matmul + 4 * 12 * 1024 * 768 == 284_812_800
+
+
+def test_sizes_by_hand():
+    (report,) = compare([tiny_model_spec(vocab_size=97)], CompareOptions(speed=False))
+    e, v, c, h = 32, 97, 32, 128
+    per_layer = 3 * e * e + (e * e + e) + (e * h + h) + (h * e + e) + 2 * 2 * e
+    total = v * e + c * e + 2 * per_layer + 2 * e + e * v
+    assert report.parameters == total
+    assert report.parameters_without_head == total - e * v
+    assert report.memory_fp32_mb == round(total * 4 / 2**20, 2)
+    assert report.memory_bf16_mb == round(total * 2 / 2**20, 2)
+    assert report.forward_tokens_per_s is None  # not measured
+
+
+@pytest.mark.parametrize("block", ["pre_norm", "post_norm"])
+def test_grad_norms_equal_autograd(block):
+    spec = load_spec(tiny_model_spec(vocab_size=97, block=block, n_layers=3, drop_rate=0.1))
+    torch.manual_seed(0)
+    model = build_model(spec)
+    ids = torch.randint(0, 97, (4, 17))
+    norms = ffn_grad_norms(model, ids[:, :-1], ids[:, 1:])
+    model.eval()
+    weights = [b.ff.layers[2].weight for b in model.trf_blocks]
+    loss = F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+    expected = [g.norm().item() for g in torch.autograd.grad(loss, weights)]
+    assert norms == pytest.approx(expected, rel=1e-5)
+
+
+def test_grad_norms_for_every_block(modelkit_block_name):
+    (report,) = compare([tiny_model_spec(vocab_size=97, block=modelkit_block_name, n_layers=3)],
+                        CompareOptions(speed=False, grad_norms=True, grad_batch=2, seq_len=16))
+    assert report.grad_norms is not None and len(report.grad_norms) == 3
+    assert all(n > 0 for n in report.grad_norms)
+    assert report.grad_norm_ratio == report.grad_norms[-1] / report.grad_norms[0]
+
+
+def test_overrides():
+    spec = load_spec(tiny_model_spec())
+    changed = apply_overrides(spec, dict([parse_override("n_layers=3"), parse_override("attention.backend=eager"),
+                                          parse_override("block=post_norm")]))
+    assert (changed.n_layers, changed.attention.params["backend"], changed.block.type) == (3, "eager", "post_norm")
+    with pytest.raises(SpecError, match="n_layrs"):
+        apply_overrides(spec, {"n_layrs": 3})
+    with pytest.raises(CompareError, match="key=value"):
+        parse_override("n_layers")
+
+
+def test_same_spec_twice_trains_to_the_same_losses(gated_plugin):
+    text = synthetic_text(60)
+    plugin_spec = with_component(tiny_model_spec(name="gated"), "feedforward", gated_plugin)
+    reports = compare([tiny_model_spec(name="a"), tiny_model_spec(name="a"), plugin_spec],
+                      CompareOptions(speed=False, train_steps=3, train_text=text, train_batch_size=2),
+                      progress=False)
+    assert [r.name for r in reports] == ["a", "a#2", "gated"]
+    assert reports[0].final_val_loss == reports[1].final_val_loss is not None
+    assert reports[0].final_val_loss != reports[2].final_val_loss
+    assert reports[2].final_train_loss is not None
+
+
+def test_cli_json_markdown_and_plots(tmp_path, capsys):
+    a, b = tmp_path / "pre.json", tmp_path / "post.json"
+    unnamed = {k: v for k, v in tiny_model_spec(vocab_size=97).items() if k != "name"}  # named by file stem
+    a.write_text(json.dumps(unnamed))
+    b.write_text(json.dumps({**unnamed, "block": "post_norm"}))
+    common = ["compare", str(a), str(b), "--repeats", "1", "--seq-len", "16", "--decode-tokens", "4",
+              "--grad-norms", "--grad-batch", "2", "--override", "n_layers=3", "--out", str(tmp_path / "cmp")]
+    assert main([*common, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    pre, post = data["variants"]
+    assert (pre["name"], post["name"]) == ("pre", "post")
+    assert pre["flops_per_token"] == flops_per_token(load_spec({**tiny_model_spec(vocab_size=97), "n_layers": 3}))
+    assert pre["forward_tokens_per_s"] > 0 and pre["decode_tokens_per_s"] > 0
+    assert len(post["grad_norms"]) == 3
+    assert (tmp_path / "cmp" / "grad_norms.png").stat().st_size > 1000
+    assert main([*common, "--markdown", "--no-plot"]) == 0
+    out = capsys.readouterr().out
+    assert "| variant | params |" in out and "| last/first |" in out
+
+
+def test_cli_needs_data_to_train(tmp_path, capsys):
+    a = tmp_path / "a.json"
+    a.write_text(json.dumps(tiny_model_spec()))
+    assert main(["compare", str(a), "--train-steps", "2"]) == 2
+    assert "--train-steps needs --data" in capsys.readouterr().err
