@@ -1,0 +1,633 @@
+"""Peer benchmark: modelkit against what users would pick instead, on the same weights, in one run.
+
+    python benchmarks/peers.py            # full run (~10-15 min on 2 cores); writes benchmarks/RESULTS.md
+    python benchmarks/peers.py --quick    # one repetition each, for debugging (RESULTS.md not written)
+
+Needs the ``bench`` extra (``pip install -e .[bench]``) and the book's package, installed without its
+declared dependencies (tensorflow, jupyterlab, ...), which its ch04/kv_cache modules do not use::
+
+    pip install --no-deps llms-from-scratch
+
+Peers (gpt2-small, 124M, the book's config: untied head, no qkv bias, dropout 0.1):
+- ``transformers`` ``GPT2LMHeadModel`` with ``attn_implementation="sdpa"``;
+- the book's ``llms_from_scratch.ch04.GPTModel`` (prefill, training) and
+  ``llms_from_scratch.kv_cache.gpt2.GPTModel`` with its ``KVCache`` (decode).
+
+Every model gets the same random weights (modelkit's, seeded, copied explicitly; the copy is checked
+by comparing logits). Every figure is the median of several repetitions after warm-up; ratios are
+taken within this run. The targets are stated as met or not from these figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = REPO / "configs" / "gpt2-small.json"
+XL = REPO / "configs" / "gpt2-xl.json"
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+PROMPT_LEN, NEW_TOKENS = 16, 200
+
+
+# ----------------------------------------------------------------------------------------------
+# timing and reporting
+
+
+@dataclass
+class Reps:
+    """Repetition counts (after ``warmup`` untimed runs) per kind of measurement."""
+
+    prefill: int = 7
+    decode: int = 3
+    train: int = 5
+    bound: int = 30
+    warmup: int = 1
+
+    @classmethod
+    def quick(cls) -> Reps:
+        return cls(prefill=1, decode=1, train=1, bound=3, warmup=1)
+
+
+def median_time(fn: Callable[[], Any], reps: int, warmup: int) -> float:
+    """Median wall time of ``fn()`` in seconds over ``reps`` runs after ``warmup`` untimed runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@dataclass
+class Report:
+    """Collects markdown sections and the target verdicts; prints as it goes."""
+
+    lines: list[str] = field(default_factory=list)
+    targets: list[tuple[str, bool | None, str]] = field(default_factory=list)
+
+    def section(self, title: str, note: str = "") -> None:
+        self.add(f"\n## {title}\n")
+        if note:
+            self.add(note + "\n")
+
+    def table(self, header: list[str], rows: list[list[str]]) -> None:
+        widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+        fmt = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+        self.add(fmt(header))
+        self.add("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+        for row in rows:
+            self.add(fmt(row))
+
+    def add(self, line: str) -> None:
+        self.lines.append(line)
+        print(line, flush=True)
+
+    def target(self, name: str, met: bool | None, figure: str) -> None:
+        self.targets.append((name, met, figure))
+
+
+def speed_rows(entries: list[tuple[str, float]], unit: str, per: float, per_unit: str) -> list[list[str]]:
+    """Rows ``name | time | throughput | modelkit speed-up`` (the first entry is modelkit)."""
+    ref = entries[0][1]
+    rows = []
+    for name, seconds in entries:
+        ratio = "1.00x (reference)" if name == entries[0][0] else f"{seconds / ref:.2f}x"
+        rows.append([name, f"{seconds * 1e3:.1f} {unit}", f"{per / seconds:,.0f} {per_unit}", ratio])
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# the models, with the same weights
+
+
+def build_modelkit(path: Path = SMALL) -> nn.Module:
+    from modelkit import build_model
+
+    torch.manual_seed(123)
+    return build_model(path).eval()
+
+
+def book_cfg(mk: nn.Module) -> dict[str, Any]:
+    spec = mk.spec
+    return {"vocab_size": spec.vocab_size, "context_length": spec.context_length, "emb_dim": spec.emb_dim,
+            "n_heads": spec.n_heads, "n_layers": spec.n_layers, "drop_rate": spec.drop_rate,
+            "qkv_bias": spec.qkv_bias}
+
+
+def build_book(mk: nn.Module, kv_cache: bool = False) -> nn.Module:
+    """The book's GPTModel (ch04, or the kv_cache variant) holding ``mk``'s weights."""
+    if kv_cache:
+        from llms_from_scratch.kv_cache.gpt2 import GPTModel
+    else:
+        from llms_from_scratch.ch04 import GPTModel
+    book = GPTModel(book_cfg(mk))
+    if kv_cache:
+        for block in book.trf_blocks:
+            block.att.forward = _book_kv_attention_forward.__get__(block.att)
+    missing, unexpected = book.load_state_dict(mk.state_dict(), strict=False)
+    assert not unexpected and all(k.endswith(".att.mask") for k in missing), (missing, unexpected)
+    return book.eval()
+
+
+def build_hf(mk: nn.Module) -> nn.Module:
+    """transformers' GPT2LMHeadModel (sdpa attention) holding ``mk``'s weights.
+
+    HF's Conv1D stores weights as (in, out), so each Linear weight is transposed; ``c_attn`` is
+    query, key and value concatenated along the output.
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    s = mk.spec
+    config = GPT2Config(vocab_size=s.vocab_size, n_positions=s.context_length, n_embd=s.emb_dim,
+                        n_layer=s.n_layers, n_head=s.n_heads, activation_function="gelu_new",
+                        resid_pdrop=s.drop_rate, embd_pdrop=s.drop_rate, attn_pdrop=s.drop_rate,
+                        layer_norm_epsilon=1e-5, tie_word_embeddings=False)
+    hf = GPT2LMHeadModel._from_config(config, attn_implementation="sdpa")
+    assert hf.config._attn_implementation == "sdpa"
+    d = s.emb_dim
+    with torch.no_grad():
+        hf.transformer.wte.weight.copy_(mk.tok_emb.weight)
+        hf.transformer.wpe.weight.copy_(mk.pos_emb.weight)
+        for blk, h in zip(mk.trf_blocks, hf.transformer.h):
+            att, ff = blk.att, blk.ff.layers
+            h.ln_1.weight.copy_(blk.norm1.scale)
+            h.ln_1.bias.copy_(blk.norm1.shift)
+            h.ln_2.weight.copy_(blk.norm2.scale)
+            h.ln_2.bias.copy_(blk.norm2.shift)
+            h.attn.c_attn.weight.copy_(torch.cat([att.W_query.weight, att.W_key.weight, att.W_value.weight]).T)
+            for i, lin in enumerate((att.W_query, att.W_key, att.W_value)):
+                h.attn.c_attn.bias[i * d:(i + 1) * d] = lin.bias if lin.bias is not None else 0.0
+            h.attn.c_proj.weight.copy_(att.out_proj.weight.T)
+            h.attn.c_proj.bias.copy_(att.out_proj.bias)
+            h.mlp.c_fc.weight.copy_(ff[0].weight.T)
+            h.mlp.c_fc.bias.copy_(ff[0].bias)
+            h.mlp.c_proj.weight.copy_(ff[2].weight.T)
+            h.mlp.c_proj.bias.copy_(ff[2].bias)
+        hf.transformer.ln_f.weight.copy_(mk.final_norm.scale)
+        hf.transformer.ln_f.bias.copy_(mk.final_norm.shift)
+        hf.lm_head.weight.copy_(mk.out_head.weight)
+    hf.generation_config.eos_token_id = None  # random weights: never stop early
+    hf.generation_config.pad_token_id = 0
+    return hf.eval()
+
+
+def logits_of(name: str, model: nn.Module, idx: Tensor) -> Tensor:
+    if name == "transformers":
+        return model(idx, use_cache=False).logits
+    return model(idx)
+
+
+# ----------------------------------------------------------------------------------------------
+# the measurements
+
+
+def machine_description(threads: int) -> list[str]:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("flags")), [])
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8") if f in flags]
+    mem = next((int(line.split()[1]) / 2**20 for line in Path("/proc/meminfo").read_text().splitlines()
+                if line.startswith("MemTotal")), 0.0)
+    import transformers
+
+    try:
+        from importlib.metadata import version
+
+        lfs = version("llms-from-scratch")
+    except Exception:  # pragma: no cover - shown as unknown
+        lfs = "?"
+    return [
+        f"- CPU: {cpu}, {os.cpu_count()} logical cores ({', '.join(isa)}), {mem:.0f} GiB RAM",
+        f"- torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), {threads} threads; "
+        f"transformers {transformers.__version__}; llms-from-scratch {lfs}; Python {platform.python_version()}",
+        f"- load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
+    ]
+
+
+def bench_prefill(rep: Report, models: dict[str, nn.Module], reps: Reps) -> dict[str, float]:
+    rep.section("Prefill (logits for every position, eval, inference_mode)",
+                "Time per forward pass; speed-up = peer time / modelkit time (> 1: modelkit faster).")
+    results = {}
+    for b, s in ((1, 1024), (8, 128)):
+        idx = torch.randint(0, 50257, (b, s), generator=torch.Generator().manual_seed(b))
+        entries = []
+        for name, model in models.items():
+            with torch.inference_mode():
+                entries.append((name, median_time(lambda: logits_of(name, model, idx), reps.prefill, reps.warmup)))
+        rep.add(f"\n**{b}x{s} tokens**\n")
+        rep.table(["model", "time", "throughput", "modelkit speed-up"], speed_rows(entries, "ms", b * s, "tok/s"))
+        fastest = min(t for n, t in entries[1:])
+        results[f"{b}x{s}"] = entries[0][1]
+        rep.target(f"prefill {b}x{s} at least as fast as the fastest peer", entries[0][1] <= fastest,
+                   f"modelkit {entries[0][1] * 1e3:.0f} ms vs fastest peer {fastest * 1e3:.0f} ms "
+                   f"({fastest / entries[0][1]:.2f}x)")
+    return results
+
+
+def weight_read_bound(model: nn.Module, reps: Reps) -> tuple[float, int]:
+    """Seconds to run every Linear once as a batch-1 matmul (the way decode reads them), and the bytes."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    inputs = [torch.randn(1, m.in_features, dtype=m.weight.dtype) for m in linears]
+
+    def one_pass() -> None:
+        for m, x in zip(linears, inputs):
+            F.linear(x, m.weight, m.bias)
+
+    with torch.inference_mode():
+        seconds = median_time(one_pass, reps.bound, 3)
+    nbytes = sum(m.weight.numel() * m.weight.element_size() for m in linears)
+    return seconds, nbytes
+
+
+def _book_kv_attention_forward(self: nn.Module, x: Tensor, use_cache: bool = False, start_pos: int = 0,
+                               cache: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Any]:
+    """``llms_from_scratch.kv_cache.gpt2.MultiHeadAttention.forward`` (1.0.19) with its mask fixed.
+
+    The packaged code slices the causal mask's last *columns* (``mask[:, -num_tokens:]``), which fails
+    as soon as one token attends over a cache; the book's repository slices the last *rows* of the
+    (keys x keys) mask, as here. Everything else is the packaged code, line for line.
+    """
+    b, num_tokens, d_in = x.shape
+    keys = self.W_key(x)
+    values = self.W_value(x)
+    queries = self.W_query(x)
+    keys = keys.view(b, num_tokens, self.num_heads, self.head_dim)
+    values = values.view(b, num_tokens, self.num_heads, self.head_dim)
+    queries = queries.view(b, num_tokens, self.num_heads, self.head_dim)
+    keys = keys.transpose(1, 2)
+    queries = queries.transpose(1, 2)
+    values = values.transpose(1, 2)
+    if use_cache:
+        if cache is not None:
+            keys = torch.cat([cache[0], keys], dim=2)
+            values = torch.cat([cache[1], values], dim=2)
+        next_cache = (keys, values)
+    else:
+        next_cache = None
+    seq_len = keys.size(2)
+    causal_mask = torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool, device=x.device), diagonal=1)
+    causal_mask = causal_mask[-num_tokens:, :][None, None, :, :]  # the fix: last rows, not columns
+    attn_scores = queries @ keys.transpose(2, 3)
+    attn_scores.masked_fill_(causal_mask, -torch.inf)
+    attn_weights = torch.softmax(attn_scores / keys.shape[-1] ** 0.5, dim=-1)
+    attn_weights = self.dropout(attn_weights)
+    context_vec = (attn_weights @ values).transpose(1, 2)
+    context_vec = context_vec.contiguous().view(b, num_tokens, self.d_out)
+    context_vec = self.out_proj(context_vec)
+    return context_vec, next_cache
+
+
+def book_kv_generate(model: nn.Module, idx: Tensor, max_new_tokens: int) -> Tensor:
+    """The book's KV-cache greedy loop (ch04 bonus, ``generate_text_simple`` with ``use_cache``)."""
+    from llms_from_scratch.kv_cache.utils import KVCache
+
+    with torch.no_grad():
+        cache = KVCache(n_layers=len(model.trf_blocks))
+        model.current_pos = 0
+        logits = model(idx, use_cache=True, cache=cache)
+        for _ in range(max_new_tokens):
+            next_idx = logits[:, -1].argmax(dim=-1, keepdim=True)
+            idx = torch.cat([idx, next_idx], dim=1)
+            if idx.shape[1] - PROMPT_LEN == max_new_tokens:
+                break
+            logits = model(next_idx, use_cache=True, cache=cache)
+    return idx
+
+
+def decode_fn(name: str, model: nn.Module, prompt: Tensor) -> Callable[[], Tensor]:
+    """A callable that greedily generates NEW_TOKENS tokens after ``prompt`` with a KV cache."""
+    if name == "transformers":
+        mask = torch.ones_like(prompt)
+        return lambda: model.generate(prompt, attention_mask=mask, max_new_tokens=NEW_TOKENS,
+                                      min_new_tokens=NEW_TOKENS, do_sample=False, num_beams=1, use_cache=True)
+    if name.startswith("llms_from_scratch"):
+        return lambda: book_kv_generate(model, prompt, NEW_TOKENS)
+    from modelkit.generation import generate
+
+    return lambda: generate(model, prompt, NEW_TOKENS, use_cache=True)
+
+
+def bench_decode(rep: Report, models: dict[str, nn.Module], reps: Reps) -> tuple[float, Tensor]:
+    rep.section(f"Decode (greedy, KV cache, {NEW_TOKENS} new tokens after a {PROMPT_LEN}-token prompt, batch 1)",
+                "Time for the whole generate call (prefill included); tokens/s = new tokens / time.")
+    prompt = torch.randint(0, 50257, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(7))
+    entries, outputs = [], {}
+    for name, model in models.items():
+        fn = decode_fn(name, model, prompt)
+        with torch.inference_mode():
+            outputs[name] = fn()[:, PROMPT_LEN:]
+            entries.append((name, median_time(fn, reps.decode, 0)))
+    rep.table(["model", "time", "tokens/s", "modelkit speed-up"], speed_rows(entries, "ms", NEW_TOKENS, "tok/s"))
+    ref = outputs[entries[0][0]]
+    same = ", ".join(f"{n}: {int((o == ref).sum())}/{NEW_TOKENS}" for n, o in outputs.items() if n != entries[0][0])
+    rep.add(f"\nGreedy tokens equal to modelkit's (position by position): {same}.")
+
+    mk = models["modelkit"]
+    bound_s, nbytes = weight_read_bound(mk, reps)
+    mk_tps = NEW_TOKENS / entries[0][1]
+    share = mk_tps * bound_s
+    rep.add(f"\n**Weight-read bound**: every Linear weight once as a (1, in) @ W matmul: "
+            f"{bound_s * 1e3:.1f} ms for {nbytes / 1e6:.0f} MB ({nbytes / bound_s / 1e9:.1f} GB/s), so at most "
+            f"{1 / bound_s:.1f} tokens/s in fp32. modelkit decodes {mk_tps:.1f} tokens/s = "
+            f"**{share * 100:.0f}% of the bound**.")
+    hf_t = dict(entries)["transformers"]
+    rep.target("decode at least as fast as transformers", entries[0][1] <= hf_t,
+               f"modelkit {mk_tps:.1f} tok/s vs transformers {NEW_TOKENS / hf_t:.1f} tok/s "
+               f"({hf_t / entries[0][1]:.2f}x)")
+    rep.target("decode within 90% of the weight-read bound", share >= 0.9,
+               f"{share * 100:.0f}% ({mk_tps:.1f} of {1 / bound_s:.1f} tok/s)")
+    return entries[0][1], outputs["modelkit"]
+
+
+def bench_train(rep: Report, models: dict[str, nn.Module], reps: Reps) -> None:
+    b, s = 4, 256
+    rep.section(f"Training step (forward, backward, AdamW; batch {b}x{s}, dropout 0.1, fp32)",
+                "Each model is a fresh copy of the same weights; tokens/s = batch tokens / step time.")
+    gen = torch.Generator().manual_seed(11)
+    idx = torch.randint(0, 50257, (b, s), generator=gen)
+    targets = torch.randint(0, 50257, (b, s), generator=gen)
+    entries = []
+    for name, model in models.items():
+        m = copy.deepcopy(model).train()
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.1)
+
+        def step(m: nn.Module = m, opt: torch.optim.Optimizer = opt, name: str = name) -> None:
+            opt.zero_grad(set_to_none=True)
+            logits = logits_of(name, m, idx)
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+            loss.backward()
+            opt.step()
+
+        entries.append((name, median_time(step, reps.train, reps.warmup + 1)))
+        del m, opt
+        gc.collect()
+    rep.table(["model", "step time", "tokens/s", "modelkit speed-up"], speed_rows(entries, "ms", b * s, "tok/s"))
+    fastest = min(t for _, t in entries[1:])
+    rep.target("training step at least as fast as the fastest peer", entries[0][1] <= fastest,
+               f"modelkit {b * s / entries[0][1]:.0f} tok/s vs fastest peer {b * s / fastest:.0f} tok/s "
+               f"({fastest / entries[0][1]:.2f}x)")
+
+
+# ----------------------------------------------------------------------------------------------
+# gpt2-xl: build on meta and load a checkpoint, in fresh processes
+
+
+def _rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def xl_child(action: str, path: str) -> None:
+    """Run in a subprocess: ``save`` a random gpt2-xl checkpoint, or ``load`` it; print JSON figures."""
+    from modelkit import build_model
+    from modelkit.checkpoint import load_checkpoint, save_checkpoint
+
+    if action == "save":
+        torch.manual_seed(0)
+        start = time.perf_counter()
+        model = build_model(XL)
+        save_checkpoint(model, path)
+        print(json.dumps({"save_s": time.perf_counter() - start}))
+        return
+    base = _rss_mib()
+    start = time.perf_counter()
+    build_model(XL, device="meta")
+    meta_s = time.perf_counter() - start
+    start = time.perf_counter()
+    model = load_checkpoint(path)
+    load_s = time.perf_counter() - start
+    n_params = sum(p.numel() for p in model.parameters())
+    with torch.inference_mode():  # the loaded model works
+        model.eval()(torch.tensor([[1, 2, 3]]))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"meta_s": meta_s, "load_s": load_s, "base_mib": base, "peak_mib": peak,
+                      "params": n_params}))
+
+
+def bench_xl(rep: Report) -> None:
+    rep.section("gpt2-xl (1.56B parameters): build on meta, load a checkpoint",
+                "Each step in a fresh process; the checkpoint holds random fp32 weights and is deleted after.")
+    try:
+        import modelkit.checkpoint  # noqa: F401
+    except ImportError as exc:
+        rep.add(f"Not measured: modelkit.checkpoint is not available ({exc}).")
+        return
+    with tempfile.TemporaryDirectory(dir=os.environ.get("MODELKIT_BENCH_TMP")) as tmp:
+        path = os.path.join(tmp, "gpt2-xl.safetensors")
+        figures: dict[str, float] = {}
+        for action in ("save", "load"):
+            out = subprocess.run([sys.executable, __file__, "--xl-child", action, path], capture_output=True,
+                                 text=True, check=False)
+            if out.returncode != 0:
+                rep.add(f"Failed ({action}): {out.stderr.strip().splitlines()[-1] if out.stderr else out.returncode}")
+                return
+            figures.update(json.loads(out.stdout.strip().splitlines()[-1]))
+        size = sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file())
+    rep.table(["step", "time", "memory"], [
+        ["build on meta (no storage)", f"{figures['meta_s'] * 1e3:.0f} ms", "-"],
+        ["load_checkpoint (build + assign)", f"{figures['load_s']:.2f} s",
+         f"peak RSS {figures['peak_mib'] / 1024:.2f} GiB (process before: {figures['base_mib'] / 1024:.2f} GiB)"],
+        ["checkpoint file", "-", f"{size / 2**30:.2f} GiB ({figures['params'] / 1e9:.2f}B params)"],
+    ])
+    rep.add(f"\nPeak RSS / checkpoint size = {figures['peak_mib'] * 2**20 / size:.2f} "
+            "(1.0 would be the weights alone, no second copy).")
+
+
+# ----------------------------------------------------------------------------------------------
+# beyond the peers: bf16, int8 weight-only, torch.compile
+
+
+def greedy_agreement(tokens: Tensor, ref: Tensor) -> str:
+    same = (tokens == ref).flatten()
+    first = int((~same).nonzero()[0]) if not bool(same.all()) else same.numel()
+    return f"{first}/{same.numel()} before first divergence"
+
+
+def teacher_forced_agreement(model: nn.Module, seq: Tensor, ref_logits: Tensor) -> float:
+    """Share of positions where ``model``'s argmax equals the fp32 model's on the same sequence."""
+    with torch.inference_mode():
+        logits = model(seq).float()
+    return float((logits.argmax(-1) == ref_logits.argmax(-1)).float().mean())
+
+
+def bench_variants(rep: Report, mk: nn.Module, reps: Reps, mk_decode_s: float, mk_tokens: Tensor,
+                   with_compile: bool) -> None:
+    from modelkit.generation import generate
+    from modelkit.quantize import quantize_int8_
+
+    rep.section("Beyond the peers: bf16 weights, weight-only int8, torch.compile (modelkit, gpt2-small)",
+                "Speed-up vs modelkit fp32 in this run. Logit error: max |logit - fp32 logit| over a 8x128 "
+                "batch (fp32 logits span about ±{span:.0f}). Agreement: greedy tokens equal to fp32's from the "
+                f"start, and the share of the {PROMPT_LEN + NEW_TOKENS} positions of fp32's greedy sequence "
+                "where the argmax (next token) is the same (teacher forced).")
+    prompt = torch.randint(0, 50257, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(7))
+    batch = torch.randint(0, 50257, (8, 128), generator=torch.Generator().manual_seed(8))
+    long = torch.randint(0, 50257, (1, 1024), generator=torch.Generator().manual_seed(1))
+    seq = torch.cat([prompt, mk_tokens], dim=1)
+    with torch.inference_mode():
+        ref_batch = mk(batch)
+        ref_seq = mk(seq)
+        t_long = median_time(lambda: mk(long), reps.prefill, reps.warmup)
+        t_batch = median_time(lambda: mk(batch), reps.prefill, reps.warmup)
+    span = float(ref_batch.abs().max())
+    rep.lines[-1] = rep.lines[-1].replace("{span:.0f}", f"{span:.0f}")
+
+    variants: list[tuple[str, Callable[[], nn.Module]]] = [
+        ("bf16 weights", lambda: copy.deepcopy(mk).to(torch.bfloat16)),
+        ("int8 weights, fp32 model", lambda: quantize_int8_(copy.deepcopy(mk))),
+        ("int8 weights, bf16 model", lambda: quantize_int8_(copy.deepcopy(mk).to(torch.bfloat16))),
+    ]
+    rows = [["fp32 (reference)", f"{t_long * 1e3:.0f} ms", f"{t_batch * 1e3:.0f} ms",
+             f"{NEW_TOKENS / mk_decode_s:.1f} tok/s", "0", "-", "-"]]
+    for label, make in variants:
+        model = make()
+        with torch.inference_mode():
+            tl = median_time(lambda: model(long), reps.prefill, reps.warmup)
+            tb = median_time(lambda: model(batch), reps.prefill, reps.warmup)
+            err = float((model(batch).float() - ref_batch).abs().max())
+            tokens = generate(model, prompt, NEW_TOKENS)[:, PROMPT_LEN:]
+            td = median_time(lambda: generate(model, prompt, NEW_TOKENS), reps.decode, 0)
+        tf = teacher_forced_agreement(model, seq, ref_seq)
+        rows.append([label, f"{tl * 1e3:.0f} ms ({t_long / tl:.2f}x)", f"{tb * 1e3:.0f} ms ({t_batch / tb:.2f}x)",
+                     f"{NEW_TOKENS / td:.1f} tok/s ({mk_decode_s / td:.2f}x)", f"{err:.3f}",
+                     greedy_agreement(tokens, mk_tokens), f"{tf * 100:.1f}%"])
+        del model
+        gc.collect()
+    rep.table(["variant", "prefill 1x1024", "prefill 8x128", "decode", "max logit error",
+               "greedy agreement", "next-token agreement"], rows)
+    if with_compile:
+        bench_compile(rep, mk, reps, long, batch, prompt, t_long, t_batch, mk_decode_s, mk_tokens)
+
+
+def bench_compile(rep: Report, mk: nn.Module, reps: Reps, long: Tensor, batch: Tensor, prompt: Tensor,
+                  t_long: float, t_batch: float, mk_decode_s: float, mk_tokens: Tensor) -> None:
+    from modelkit.generation import generate
+
+    rep.add("\n**torch.compile** (`torch.compile(model)`, default inductor backend, on the built fp32 model)\n")
+    torch._dynamo.reset()
+    compiled = torch.compile(copy.deepcopy(mk))
+    rows = []
+    try:
+        with torch.inference_mode():
+            start = time.perf_counter()
+            out = compiled(long)
+            first = time.perf_counter() - start
+            err = float((out - mk(long)).abs().max())
+            tl = median_time(lambda: compiled(long), reps.prefill, reps.warmup)
+            start = time.perf_counter()
+            compiled(batch)
+            first_b = time.perf_counter() - start
+            tb = median_time(lambda: compiled(batch), reps.prefill, reps.warmup)
+        rows.append(["prefill 1x1024", f"{first:.1f} s", f"{tl * 1e3:.0f} ms", f"{t_long / tl:.2f}x", f"{err:.1e}"])
+        rows.append(["prefill 8x128", f"{first_b:.1f} s", f"{tb * 1e3:.0f} ms", f"{t_batch / tb:.2f}x", "-"])
+        with torch.inference_mode():
+            start = time.perf_counter()
+            tokens = generate(compiled, prompt, NEW_TOKENS)[:, PROMPT_LEN:]
+            first_d = time.perf_counter() - start
+            td = median_time(lambda: generate(compiled, prompt, NEW_TOKENS), reps.decode, 0)
+        rows.append([f"decode {NEW_TOKENS} tokens", f"{first_d:.1f} s", f"{NEW_TOKENS / td:.1f} tok/s",
+                     f"{mk_decode_s / td:.2f}x", f"tokens equal: {int((tokens == mk_tokens).sum())}/{NEW_TOKENS}"])
+    except Exception as exc:  # report, don't crash the run
+        rows.append(["(failed)", type(exc).__name__, str(exc).splitlines()[0][:120], "-", "-"])
+    rep.table(["workload", "first call (compiles)", "after warm-up", "speed-up vs eager", "error"], rows)
+    del compiled
+    torch._dynamo.reset()
+    gc.collect()
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one repetition each; RESULTS.md not written")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--only", default="prefill,decode,train,xl,variants,compile",
+                        help="comma-separated sections to run")
+    parser.add_argument("--out", type=Path, default=None, help=f"markdown output (default: {RESULTS})")
+    parser.add_argument("--xl-child", nargs=2, metavar=("ACTION", "PATH"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.xl_child:
+        xl_child(*args.xl_child)
+        return 0
+    only = set(args.only.split(","))
+    reps = Reps.quick() if args.quick else Reps()
+    rep = Report()
+    started = time.perf_counter()
+    rep.add("# modelkit vs peers: benchmark results\n")
+    rep.add("Produced by `python benchmarks/peers.py` (all figures from one run; medians after warm-up).\n")
+    for line in machine_description(torch.get_num_threads()):
+        rep.add(line)
+
+    mk = build_modelkit()
+    peers = {"modelkit": mk, "transformers": build_hf(mk), "llms_from_scratch.ch04": build_book(mk)}
+    probe = torch.randint(0, 50257, (2, 64), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        ref = mk(probe)
+        diffs = {n: float((logits_of(n, m, probe) - ref).abs().max()) for n, m in peers.items() if n != "modelkit"}
+    rep.add("- same weights in every model: max |logit difference| vs modelkit: "
+            + ", ".join(f"{n} {d:.1e}" for n, d in diffs.items()))
+    assert all(d < 1e-3 for d in diffs.values()), diffs
+
+    if "prefill" in only:
+        bench_prefill(rep, peers, reps)
+    mk_decode_s, mk_tokens = None, None
+    if "decode" in only:
+        dec = {"modelkit": mk, "transformers": peers["transformers"],
+               "llms_from_scratch.kv_cache": build_book(mk, kv_cache=True)}
+        mk_decode_s, mk_tokens = bench_decode(rep, dec, reps)
+        del dec
+    if "train" in only:
+        bench_train(rep, peers, reps)
+    del peers
+    gc.collect()
+    if "xl" in only:
+        bench_xl(rep)
+    if "variants" in only:
+        if mk_decode_s is None:
+            prompt = torch.randint(0, 50257, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(7))
+            fn = decode_fn("modelkit", mk, prompt)
+            mk_tokens = fn()[:, PROMPT_LEN:]
+            mk_decode_s = median_time(fn, reps.decode, 0)
+        bench_variants(rep, mk, reps, mk_decode_s, mk_tokens, "compile" in only)
+
+    rep.section("Targets")
+    for name, met, figure in rep.targets:
+        rep.add(f"- {'MET' if met else 'NOT MET'}: {name}: {figure}")
+    rep.add(f"\nLoad average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
+            f"total run time {time.perf_counter() - started:.0f} s.")
+    out = args.out or (None if args.quick else RESULTS)
+    if out is not None:
+        out.write_text("\n".join(rep.lines) + "\n")
+        print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
