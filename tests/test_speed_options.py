@@ -1,0 +1,125 @@
+"""Speed options (bf16, int8 weight-only, torch.compile) keep the model's answers: the fp32 model is the reference.
+
+Accuracy properties only; speed is measured by ``benchmarks/peers.py``, never here.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_cfg
+from torch import nn
+
+from modelkit import build_model
+from modelkit.generation import generate
+from modelkit.quantize import SMALL_BATCH, Int8Linear, quantize_int8_, quantize_weight_int8
+from modelkit.speed import optimize_for_inference, parse_dtype
+
+# emb_dim 32 (a multiple of 16) takes the int8 kernel when decoding; 97 in-features take the fallback.
+CFG = tiny_cfg(vocab_size=97, emb_dim=32, context_length=32, qkv_bias=True)
+
+
+def fp32_model(**overrides: object) -> nn.Module:
+    torch.manual_seed(0)
+    return build_model(dict(CFG, **overrides)).eval()
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.float() - ref).abs().max() / ref.abs().max())
+
+
+def test_int8_weights_are_within_half_a_step_of_the_float_weights():
+    w = torch.randn(40, 64) * torch.linspace(0.01, 3, 40)[:, None]
+    w[3] = 0.0
+    q, scale = quantize_weight_int8(w)
+    assert q.dtype == torch.int8 and scale.shape == (40,)
+    assert int(q.abs().max()) <= 127
+    assert torch.all((q.float() * scale[:, None] - w).abs() <= scale[:, None] / 2 + 1e-7)
+    assert scale[3] == 1.0 and torch.all(q[3] == 0)
+
+
+@pytest.mark.parametrize("in_features", [64, 97], ids=["int8-kernel", "fallback"])
+@pytest.mark.parametrize("rows", [1, SMALL_BATCH + 1], ids=["decode", "prefill"])
+def test_int8_linear_computes_with_its_dequantized_weight(in_features, rows):
+    torch.manual_seed(1)
+    linear = nn.Linear(in_features, 48)
+    layer = Int8Linear.from_linear(linear)
+    x = torch.randn(1, rows, in_features)
+    ref = x @ layer.dequantized_weight().T + linear.bias.detach()
+    out = layer(x)
+    assert out.shape == (1, rows, 48) and out.dtype == torch.float32
+    # the int8 kernel rounds activations to bf16 (relative 2^-9); the float path is exact
+    assert relative_error(out, ref) < (1e-2 if rows == 1 and in_features % 16 == 0 else 1e-5)
+
+
+def test_int8_linear_follows_the_activation_dtype():
+    layer = Int8Linear.from_linear(nn.Linear(32, 8, bias=False))
+    assert layer.bias is None
+    assert layer(torch.randn(2, 32, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_quantize_replaces_every_linear_and_keeps_module_names():
+    model = fp32_model()
+    names = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    quantize_int8_(model)
+    assert not any(isinstance(m, nn.Linear) for m in model.modules())
+    assert {n for n, m in model.named_modules() if isinstance(m, Int8Linear)} == names
+    assert "trf_blocks.0.att.W_query.weight_int8" in model.state_dict()
+
+
+def test_quantized_tied_head_leaves_the_embedding_in_float():
+    model = fp32_model(tie_embeddings=True)
+    emb = model.tok_emb.weight.detach().clone()
+    quantize_int8_(model)
+    assert model.tok_emb.weight.dtype == torch.float32 and torch.equal(model.tok_emb.weight, emb)
+
+
+@pytest.mark.parametrize("variant", ["bf16", "int8", "bf16+int8"])
+def test_fast_variants_stay_close_to_the_fp32_logits(variant):
+    ref_model = fp32_model()
+    model = optimize_for_inference(fp32_model(), dtype="bf16" if "bf16" in variant else None,
+                                   quantize="int8" if "int8" in variant else None)
+    idx = torch.randint(0, CFG["vocab_size"], (3, CFG["context_length"]), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        ref, out = ref_model(idx), model(idx)
+        # decoding (one row per call) takes the int8 kernel path
+        step_ref = ref_model(idx[:1, :5], last_only=True)
+        step = model(idx[:1, :5], last_only=True)
+    assert out.dtype == (torch.bfloat16 if "bf16" in variant else torch.float32)
+    assert relative_error(out, ref) < 0.05
+    assert relative_error(step, step_ref) < 0.05
+    # most next-token predictions are unchanged
+    assert float((out.argmax(-1) == ref.argmax(-1)).float().mean()) > 0.8
+
+
+@pytest.mark.parametrize("variant", ["bf16", "int8"])
+def test_fast_variants_generate_with_the_kv_cache(variant):
+    model = optimize_for_inference(fp32_model(), dtype="bf16" if variant == "bf16" else None,
+                                   quantize="int8" if variant == "int8" else None)
+    prompt = torch.tensor([[1, 2, 3]])
+    out = generate(model, prompt, 10)
+    assert out.shape == (1, 13) and out.dtype == torch.long and torch.equal(out[:, :3], prompt)
+
+
+def test_compiled_model_captures_one_graph_and_generates_the_same_tokens():
+    model = fp32_model()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # fullgraph: no graph breaks
+    idx = torch.randint(0, CFG["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        assert torch.allclose(compiled(idx), model(idx), atol=1e-5)
+    prompt = idx[:1, :4]
+    assert torch.equal(generate(compiled, prompt, 12), generate(model, prompt, 12))
+    torch._dynamo.reset()
+
+
+def test_optimize_for_inference_sets_eval_and_checks_its_arguments():
+    model = fp32_model().train()
+    assert optimize_for_inference(model) is model and not model.training
+    assert parse_dtype("bf16") is torch.bfloat16 and parse_dtype("float32") is torch.float32
+    with pytest.raises(ValueError, match="unknown dtype"):
+        parse_dtype("int4")
+    with pytest.raises(ValueError, match="unknown quantize"):
+        optimize_for_inference(model, quantize="int4")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="threads"):
+        optimize_for_inference(model, threads=0)
