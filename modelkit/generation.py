@@ -232,7 +232,8 @@ def _decode(model: GPTModel, idx: Tensor, max_new_tokens: int, context_size: int
     length = window.shape[1]  # tokens in the window (== cached tokens while the cache is valid)
     finished = torch.zeros(idx.shape[0], 1, dtype=torch.bool, device=idx.device) if eos_id is not None else None
     with torch.inference_mode():
-        cache = model.new_cache() if use_cache else None
+        # A prompt that fills the window leaves nothing for a cache to reuse: every later step shifts.
+        cache = model.new_cache() if use_cache and length < context_size else None
         logits = model(window, cache=cache, last_only=True)[:, -1, :]
     for step in range(max_new_tokens):
         with torch.inference_mode():
@@ -254,6 +255,7 @@ def _decode(model: GPTModel, idx: Tensor, max_new_tokens: int, context_size: int
                 length += 1
             else:
                 # Uncached, or the window is full (every position shifts): recompute the window.
+                cache = None  # stale from here on; free its memory
                 window = torch.cat((window, token), dim=1)[:, -context_size:]
                 length = window.shape[1]
                 logits = model(window, last_only=True)[:, -1, :]

@@ -411,3 +411,13 @@ def test_cli_loads_the_books_state_dict_with_its_config(tmp_path: Path, tiny_con
     assert main(["generate", "--config", str(tiny_config), "--checkpoint", str(path), "--prompt", "Hello",
                  "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out == expected
+
+
+def test_cli_warns_in_one_line_when_the_prompt_is_cropped(tiny_config: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    long_prompt = ("one two three four five six seven eight nine ten " * 4).strip()  # 40 tokens, window 32
+    assert text_to_token_ids(long_prompt).shape[1] == 40
+    assert main(["generate", "--config", str(tiny_config), "--prompt", long_prompt, "--max-new-tokens", "2"]) == 0
+    captured = capsys.readouterr()
+    assert "warning: the prompt has 40 tokens but the context window is 32" in captured.err
+    assert captured.out.startswith(long_prompt)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from typing import Any
 
 import torch
@@ -118,9 +119,13 @@ def run(args: argparse.Namespace) -> int:
     out.flush()
     decoder = IncrementalDecoder(tokenizer)
     torch.manual_seed(args.seed)
-    for token in stream_generate(model, idx, args.max_new_tokens, temperature=args.temperature,
-                                 top_k=args.top_k, top_p=args.top_p, eos_id=eos_id,
-                                 use_cache=not args.no_cache):
+    with warnings.catch_warnings(record=True) as caught:  # e.g. the prompt is cropped: say it in one line
+        warnings.simplefilter("always")
+        steps = stream_generate(model, idx, args.max_new_tokens, temperature=args.temperature,
+                                top_k=args.top_k, top_p=args.top_p, eos_id=eos_id, use_cache=not args.no_cache)
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
+    for token in steps:
         token_id = int(token[0, 0])
         if token_id == eos_id:
             break
