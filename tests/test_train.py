@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from book_reference import GPTModel as BookGPTModel
 from safetensors.torch import load_file
 from torch.utils.data import DistributedSampler
 
+from modelkit import build_model
 from modelkit.checkpoint import load_checkpoint
 from modelkit.cli import main
 from modelkit.data import DataError, GPTDatasetV1, ShardedBatchSampler, split_text
@@ -106,7 +106,7 @@ def test_untrained_loss_is_ln_vocab_plus_half_the_logit_variance(init, logit_var
     # is E[logsumexp] ≈ ln V + σ²/2. gpt2 init: σ² = emb·0.02²; PyTorch's Linear default: σ² = 1/3.
     spec = tiny_model_spec(emb_dim=64, init=init)
     torch.manual_seed(1)
-    model = __import__("modelkit").build_model(spec).eval()
+    model = build_model(spec).eval()
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(0, 50257, (4, 33), generator=g)
     with torch.no_grad():
@@ -117,7 +117,7 @@ def test_untrained_loss_is_ln_vocab_plus_half_the_logit_variance(init, logit_var
 def test_gpt2_init_scales_residual_projections():
     spec = tiny_model_spec(emb_dim=64, n_layers=4, init="gpt2")
     torch.manual_seed(0)
-    model = __import__("modelkit").build_model(spec)
+    model = build_model(spec)
     block = model.trf_blocks[0]
     assert block.att.W_query.weight.std().item() == pytest.approx(0.02, rel=0.05)
     assert block.ff.layers[0].weight.std().item() == pytest.approx(0.02, rel=0.05)
@@ -228,7 +228,7 @@ def test_logged_grad_norm_is_the_total_gradient_norm():
     config = TrainConfig(steps=1, batch_size=3, shuffle=False, grad_clip=0.5, seed=4, eval_every=100)
     result = train(spec, ids, config, val_data=ids[:40], progress=False)
     torch.manual_seed(4)
-    model = __import__("modelkit").build_model(spec)
+    model = build_model(spec)
     x = torch.stack([ids[i * 16:(i + 1) * 16] for i in range(3)])
     y = torch.stack([ids[i * 16 + 1:(i + 1) * 16 + 1] for i in range(3)])
     F.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()

@@ -138,7 +138,9 @@ def _run(args: argparse.Namespace) -> int:
         print("overrides: " + " ".join(f"{k}={json.dumps(v)}" for k, v in overrides.items()))
     print("GFLOPs/token: forward, 2*N_matmul + 4*n_layers*n_ctx*emb_dim (see modelkit.compare)")
     if args.speed:
-        print(f"speed: {options.device} ({torch.get_num_threads()} threads), forward batch {args.batch_size} x "
+        from ..train import resolve_device
+
+        print(f"speed: {resolve_device(options.device)} ({torch.get_num_threads()} threads), forward batch {args.batch_size} x "
               f"min(context, {args.seq_len or 256}) tokens; decode {args.decode_tokens} tokens after a "
               f"{args.prompt_len}-token prompt, KV cache, batch 1; median of {args.repeats}")
     for png in pngs:
