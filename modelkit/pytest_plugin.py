@@ -7,7 +7,9 @@ Parametrised arguments: a test that takes one of these arguments runs once per v
 - ``modelkit_<kind>_name`` (``modelkit_attention_name``, ``modelkit_norm_name``, ...): every
   component of that kind that loads, plugins included (``--modelkit-builtin-only``: modelkit's own).
 
-Fixtures: ``modelkit_tiny_spec`` is :func:`modelkit.testing.tiny_model_spec` (call it with overrides).
+Fixtures: ``modelkit_tiny_spec`` is :func:`modelkit.testing.tiny_model_spec` (call it with overrides);
+``modelkit_one_thread`` runs a test with one intra-op torch thread (use it with
+``pytestmark = pytest.mark.usefixtures("modelkit_one_thread")``).
 
 Nothing is imported from modelkit until a test asks for one of these, so having modelkit installed
 costs other projects' test runs nothing.
@@ -15,7 +17,7 @@ costs other projects' test runs nothing.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -52,3 +54,16 @@ def modelkit_tiny_spec() -> Callable[..., dict[str, Any]]:
     from .testing import tiny_model_spec
 
     return tiny_model_spec
+
+
+@pytest.fixture
+def modelkit_one_thread() -> Iterator[None]:
+    """One intra-op torch thread for the test: tiny models run fastest so, above all on a busy machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

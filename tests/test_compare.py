@@ -28,12 +28,7 @@ from modelkit.testing import synthetic_text, tiny_model_spec, with_component
 EAGER = {"type": "mha", "backend": "eager"}  # torch's FLOP counter sees eager attention's matmuls
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("modelkit_one_thread")
 
 
 class GatedFeedForward(FeedForward):

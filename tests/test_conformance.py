@@ -20,13 +20,7 @@ from modelkit.components.kernels import attention_kernel_names
 from modelkit.testing import CHECKS, builtin_components, check_component, tiny_dims, tiny_spec
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: one intra-op thread is faster, and much faster on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("modelkit_one_thread")
 
 
 # -- every built-in (a new built-in is covered automatically) ------------------------------------------

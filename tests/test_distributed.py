@@ -22,13 +22,9 @@ def free_port() -> int:
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")
+@pytest.mark.usefixtures("modelkit_one_thread")
 def test_two_processes_match_one_and_their_checkpoint_resumes_in_one(tmp_path):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        _run(tmp_path)
-    finally:
-        torch.set_num_threads(threads)
+    _run(tmp_path)
 
 
 def _run(tmp_path):

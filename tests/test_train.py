@@ -21,13 +21,7 @@ from modelkit.tokenizer import get_tokenizer
 from modelkit.train import TrainConfig, TrainError, calc_loss_batch, lr_at, train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, above all on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("modelkit_one_thread")
 
 
 def small_vocab_ids(n_sentences: int, seed: int = 0) -> tuple[torch.Tensor, int]:

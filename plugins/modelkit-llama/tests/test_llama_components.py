@@ -4,7 +4,6 @@ a complex-number RoPE, and the ALiBi paper's slopes."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -19,13 +18,7 @@ from modelkit_llama.norm import RMSNorm
 from modelkit_llama.positional import ALiBi, RoPE, alibi_slopes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: one intra-op thread is faster, and much faster on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("modelkit_one_thread")
 
 DIMS = ModelDims(vocab_size=64, context_length=32, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0,
                  qkv_bias=False)
