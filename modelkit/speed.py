@@ -7,7 +7,7 @@ gpt2-small on a CPU are in ``benchmarks/RESULTS.md``.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 from torch import nn
@@ -20,6 +20,8 @@ DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "fp32": torch.float3
 #: values of ``quantize`` (and the CLI's ``--quantize``).
 QUANTIZE = ("none", "int8")
 
+M = TypeVar("M", bound=nn.Module)
+
 
 def parse_dtype(name: str) -> torch.dtype:
     """``"bf16"``/``"bfloat16"`` -> ``torch.bfloat16`` etc.; unknown names raise ``ValueError``."""
@@ -30,13 +32,13 @@ def parse_dtype(name: str) -> torch.dtype:
 
 
 def optimize_for_inference(
-    model: nn.Module,
+    model: M,
     *,
     dtype: torch.dtype | str | None = None,
     quantize: Literal["none", "int8"] | None = None,
     compile: bool = False,
     threads: int | None = None,
-) -> nn.Module:
+) -> M:
     """Put ``model`` in eval mode and apply the chosen speed options, in place; return the model to use.
 
     - ``dtype``: cast parameters and buffers (``torch.bfloat16``: about 2x faster decoding and much
@@ -67,5 +69,5 @@ def optimize_for_inference(
 
         quantize_int8_(model)
     if compile:
-        return torch.compile(model)  # type: ignore[return-value]
+        return torch.compile(model)  # type: ignore[return-value]  # an OptimizedModule wrapping model
     return model

@@ -5,12 +5,15 @@ Accuracy properties only; speed is measured by ``benchmarks/peers.py``, never he
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import tiny_cfg
 from torch import nn
 
 from modelkit import build_model
+from modelkit.cli import main
 from modelkit.generation import generate
 from modelkit.quantize import SMALL_BATCH, Int8Linear, quantize_int8_, quantize_weight_int8
 from modelkit.speed import optimize_for_inference, parse_dtype
@@ -123,3 +126,17 @@ def test_optimize_for_inference_sets_eval_and_checks_its_arguments():
         optimize_for_inference(model, quantize="int4")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="threads"):
         optimize_for_inference(model, threads=0)
+
+
+def test_cli_generate_with_bf16_and_int8_prints_what_the_api_generates(tmp_path, capsys):
+    from modelkit.tokenizer import text_to_token_ids, token_ids_to_text
+
+    cfg = tiny_cfg(vocab_size=50257, emb_dim=32, context_length=32)
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(cfg))
+    assert main(["generate", "--config", str(path), "--prompt", "Hello", "--max-new-tokens", "5", "--seed", "4",
+                 "--dtype", "bfloat16", "--quantize", "int8"]) == 0
+    torch.manual_seed(4)
+    model = optimize_for_inference(build_model(cfg), dtype=torch.bfloat16, quantize="int8")
+    expected = generate(model, text_to_token_ids("Hello"), 5)
+    assert capsys.readouterr().out == token_ids_to_text(expected) + "\n"

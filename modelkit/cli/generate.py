@@ -44,6 +44,11 @@ def add_parser(sub: Any) -> None:
                    help=f"seed for the random weights and for sampling (default {DEFAULT_SEED})")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole window at every step")
     p.add_argument("--eos", action="store_true", help="stop at <|endoftext|> (not printed)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="weights and activations dtype (bfloat16: about 2x faster decoding on CPU; logits "
+                        "differ from float32 by a few 1e-2)")
+    p.add_argument("--quantize", choices=["none", "int8"], default="none",
+                   help="int8: weight-only int8 Linear layers (fewest bytes per token; see modelkit.quantize)")
     p.set_defaults(func=run)
 
 
@@ -107,6 +112,10 @@ def run(args: argparse.Namespace) -> int:
     check_sampling_args(args.temperature, args.top_k, args.top_p)  # before building anything
     tokenizer = get_tokenizer()
     model = load_model(args)
+    if args.dtype != "float32" or args.quantize != "none":
+        from ..speed import optimize_for_inference
+
+        model = optimize_for_inference(model, dtype=args.dtype, quantize=args.quantize)
     if model.spec.vocab_size < tokenizer.n_vocab:
         raise GenerationError(
             f"the model has vocab_size {model.spec.vocab_size}, fewer than the GPT-2 tokenizer's "
