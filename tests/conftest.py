@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 TESTS = Path(__file__).parent
 REPO = TESTS.parent
@@ -24,3 +26,16 @@ def tiny_cfg(**overrides: Any) -> dict[str, Any]:
 @pytest.fixture
 def tiny() -> dict[str, Any]:
     return tiny_cfg()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_intra_op_thread() -> Iterator[None]:
+    """Run the suite with one intra-op torch thread.
+
+    The tests use tiny tensors, where a second thread only adds synchronisation; on a busy machine
+    two threads per process made them up to 20x slower. Subprocesses (CLI, torchrun) are unaffected.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

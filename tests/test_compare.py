@@ -28,8 +28,6 @@ from modelkit.testing import synthetic_text, tiny_model_spec, with_component
 EAGER = {"type": "mha", "backend": "eager"}  # torch's FLOP counter sees eager attention's matmuls
 
 
-pytestmark = pytest.mark.usefixtures("modelkit_one_thread")
-
 
 class GatedFeedForward(FeedForward):
     """A third-party feed-forward (registered at runtime in these tests): down(a · sigmoid(b))."""

@@ -20,8 +20,6 @@ from modelkit.components.kernels import attention_kernel_names
 from modelkit.testing import CHECKS, builtin_components, check_component, tiny_dims, tiny_spec
 
 
-pytestmark = pytest.mark.usefixtures("modelkit_one_thread")
-
 
 # -- every built-in (a new built-in is covered automatically) ------------------------------------------
 

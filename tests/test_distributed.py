@@ -22,7 +22,6 @@ def free_port() -> int:
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")
-@pytest.mark.usefixtures("modelkit_one_thread")
 def test_two_processes_match_one_and_their_checkpoint_resumes_in_one(tmp_path):
     _run(tmp_path)
 

@@ -21,8 +21,6 @@ from modelkit.tokenizer import get_tokenizer
 from modelkit.train import TrainConfig, TrainError, calc_loss_batch, lr_at, train
 
 
-pytestmark = pytest.mark.usefixtures("modelkit_one_thread")
-
 
 def small_vocab_ids(n_sentences: int, seed: int = 0) -> tuple[torch.Tensor, int]:
     """GPT-2 ids of synthetic text renumbered 0..k-1 (k ≈ 50 words): text-like data for a tiny vocab."""
