@@ -67,16 +67,23 @@ class Reps:
         return cls(prefill=1, decode=1, train=1, bound=3, warmup=1)
 
 
-def median_time(fn: Callable[[], Any], reps: int, warmup: int) -> float:
-    """Median wall time of ``fn()`` in seconds over ``reps`` runs after ``warmup`` untimed runs."""
+def interleaved_medians(fns: dict[str, Callable[[], Any]], reps: int, warmup: int) -> dict[str, float]:
+    """Median wall time (s) of each callable, measured in rounds.
+
+    Each round runs every callable once, starting one further along the list each round, so a change
+    in machine load (other processes) hits every contender alike and the ratios stay fair.
+    """
+    names = list(fns)
     for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name in names:
+            fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(reps):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 @dataclass
@@ -232,10 +239,9 @@ def bench_prefill(rep: Report, models: dict[str, nn.Module], reps: Reps) -> dict
     results = {}
     for b, s in ((1, 1024), (8, 128)):
         idx = torch.randint(0, 50257, (b, s), generator=torch.Generator().manual_seed(b))
-        entries = []
-        for name, model in models.items():
-            with torch.inference_mode():
-                entries.append((name, median_time(lambda: logits_of(name, model, idx), reps.prefill, reps.warmup)))
+        fns = {name: (lambda name=name, model=model: logits_of(name, model, idx)) for name, model in models.items()}
+        with torch.inference_mode():
+            entries = list(interleaved_medians(fns, reps.prefill, reps.warmup).items())
         rep.add(f"\n**{b}x{s} tokens**\n")
         rep.table(["model", "time", "throughput", "modelkit speed-up"], speed_rows(entries, "ms", b * s, "tok/s"))
         fastest = min(t for n, t in entries[1:])
@@ -246,8 +252,9 @@ def bench_prefill(rep: Report, models: dict[str, nn.Module], reps: Reps) -> dict
     return results
 
 
-def weight_read_bound(model: nn.Module, reps: Reps) -> tuple[float, int]:
-    """Seconds to run every Linear once as a batch-1 matmul (the way decode reads them), and the bytes."""
+def weight_read_pass(model: nn.Module) -> tuple[Callable[[], None], int]:
+    """A callable that runs every Linear once as a batch-1 ``(1, in) @ W`` matmul (the way decode reads
+    the weights), and the bytes of those weights."""
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     inputs = [torch.randn(1, m.in_features, dtype=m.weight.dtype) for m in linears]
 
@@ -255,10 +262,7 @@ def weight_read_bound(model: nn.Module, reps: Reps) -> tuple[float, int]:
         for m, x in zip(linears, inputs):
             F.linear(x, m.weight, m.bias)
 
-    with torch.inference_mode():
-        seconds = median_time(one_pass, reps.bound, 3)
-    nbytes = sum(m.weight.numel() * m.weight.element_size() for m in linears)
-    return seconds, nbytes
+    return one_pass, sum(m.weight.numel() * m.weight.element_size() for m in linears)
 
 
 def _book_kv_attention_forward(self: nn.Module, x: Tensor, use_cache: bool = False, start_pos: int = 0,
@@ -331,27 +335,28 @@ def decode_fn(name: str, model: nn.Module, prompt: Tensor) -> Callable[[], Tenso
 
 def bench_decode(rep: Report, models: dict[str, nn.Module], reps: Reps) -> tuple[float, Tensor]:
     rep.section(f"Decode (greedy, KV cache, {NEW_TOKENS} new tokens after a {PROMPT_LEN}-token prompt, batch 1)",
-                "Time for the whole generate call (prefill included); tokens/s = new tokens / time.")
+                "Time for the whole generate call (prefill included); tokens/s = new tokens / time. The "
+                f"weight-read bound runs every Linear weight of the model once as a (1, in) @ W matmul, "
+                f"{NEW_TOKENS} times, interleaved with the decoders: decoding cannot beat it without reading "
+                "fewer bytes per token.")
     prompt = torch.randint(0, 50257, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(7))
-    entries, outputs = [], {}
-    for name, model in models.items():
-        fn = decode_fn(name, model, prompt)
-        with torch.inference_mode():
-            outputs[name] = fn()[:, PROMPT_LEN:]
-            entries.append((name, median_time(fn, reps.decode, 0)))
+    fns: dict[str, Callable[[], Any]] = {name: decode_fn(name, model, prompt) for name, model in models.items()}
+    one_pass, nbytes = weight_read_pass(models["modelkit"])
+    fns["bound"] = lambda: [one_pass() for _ in range(NEW_TOKENS)]
+    with torch.inference_mode():
+        outputs = {name: fn()[:, PROMPT_LEN:] for name, fn in fns.items() if name != "bound"}  # warm-up
+        medians = interleaved_medians(fns, reps.decode, 0)
+    bound_s = medians.pop("bound") / NEW_TOKENS
+    entries = list(medians.items())
     rep.table(["model", "time", "tokens/s", "modelkit speed-up"], speed_rows(entries, "ms", NEW_TOKENS, "tok/s"))
     ref = outputs[entries[0][0]]
     same = ", ".join(f"{n}: {int((o == ref).sum())}/{NEW_TOKENS}" for n, o in outputs.items() if n != entries[0][0])
     rep.add(f"\nGreedy tokens equal to modelkit's (position by position): {same}.")
-
-    mk = models["modelkit"]
-    bound_s, nbytes = weight_read_bound(mk, reps)
     mk_tps = NEW_TOKENS / entries[0][1]
     share = mk_tps * bound_s
-    rep.add(f"\n**Weight-read bound**: every Linear weight once as a (1, in) @ W matmul: "
-            f"{bound_s * 1e3:.1f} ms for {nbytes / 1e6:.0f} MB ({nbytes / bound_s / 1e9:.1f} GB/s), so at most "
-            f"{1 / bound_s:.1f} tokens/s in fp32. modelkit decodes {mk_tps:.1f} tokens/s = "
-            f"**{share * 100:.0f}% of the bound**.")
+    rep.add(f"\n**Weight-read bound**: {bound_s * 1e3:.1f} ms per pass over {nbytes / 1e6:.0f} MB of fp32 weights "
+            f"({nbytes / bound_s / 1e9:.1f} GB/s), so at most {1 / bound_s:.1f} tokens/s. modelkit decodes "
+            f"{mk_tps:.1f} tokens/s = **{share * 100:.0f}% of the bound**.")
     hf_t = dict(entries)["transformers"]
     rep.target("decode at least as fast as transformers", entries[0][1] <= hf_t,
                f"modelkit {mk_tps:.1f} tok/s vs transformers {NEW_TOKENS / hf_t:.1f} tok/s "
@@ -364,11 +369,12 @@ def bench_decode(rep: Report, models: dict[str, nn.Module], reps: Reps) -> tuple
 def bench_train(rep: Report, models: dict[str, nn.Module], reps: Reps) -> None:
     b, s = 4, 256
     rep.section(f"Training step (forward, backward, AdamW; batch {b}x{s}, dropout 0.1, fp32)",
-                "Each model is a fresh copy of the same weights; tokens/s = batch tokens / step time.")
+                "Each model is a fresh copy of the same weights with its own AdamW; tokens/s = batch tokens / "
+                "step time.")
     gen = torch.Generator().manual_seed(11)
     idx = torch.randint(0, 50257, (b, s), generator=gen)
     targets = torch.randint(0, 50257, (b, s), generator=gen)
-    entries = []
+    fns: dict[str, Callable[[], None]] = {}
     for name, model in models.items():
         m = copy.deepcopy(model).train()
         opt = torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.1)
@@ -380,9 +386,10 @@ def bench_train(rep: Report, models: dict[str, nn.Module], reps: Reps) -> None:
             loss.backward()
             opt.step()
 
-        entries.append((name, median_time(step, reps.train, reps.warmup + 1)))
-        del m, opt
-        gc.collect()
+        fns[name] = step
+    entries = list(interleaved_medians(fns, reps.train, reps.warmup + 1).items())
+    del fns
+    gc.collect()
     rep.table(["model", "step time", "tokens/s", "modelkit speed-up"], speed_rows(entries, "ms", b * s, "tok/s"))
     fastest = min(t for _, t in entries[1:])
     rep.target("training step at least as fast as the fastest peer", entries[0][1] <= fastest,
@@ -394,11 +401,15 @@ def bench_train(rep: Report, models: dict[str, nn.Module], reps: Reps) -> None:
 # gpt2-xl: build on meta and load a checkpoint, in fresh processes
 
 
-def _rss_mib() -> float:
+def _rss_mib() -> dict[str, float]:
+    """Resident memory now: total, anonymous (allocated) and file-backed (memory-mapped) MiB."""
+    fields = {"VmRSS": "rss", "RssAnon": "anon", "RssFile": "file"}
+    out = {}
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+        key = line.split(":")[0]
+        if key in fields:
+            out[fields[key]] = int(line.split()[1]) / 1024
+    return out
 
 
 def xl_child(action: str, path: str) -> None:
@@ -420,17 +431,23 @@ def xl_child(action: str, path: str) -> None:
     start = time.perf_counter()
     model = load_checkpoint(path)
     load_s = time.perf_counter() - start
+    loaded = _rss_mib()
     n_params = sum(p.numel() for p in model.parameters())
-    with torch.inference_mode():  # the loaded model works
-        model.eval()(torch.tensor([[1, 2, 3]]))
+    start = time.perf_counter()
+    with torch.inference_mode():  # the first forward reads (pages in) every weight
+        model(torch.tensor([[1, 2, 3]]))
+    forward_s = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"meta_s": meta_s, "load_s": load_s, "base_mib": base, "peak_mib": peak,
-                      "params": n_params}))
+    print(json.dumps({"meta_s": meta_s, "load_s": load_s, "forward_s": forward_s, "base": base, "loaded": loaded,
+                      "after": _rss_mib(), "peak_mib": peak, "params": n_params}))
 
 
 def bench_xl(rep: Report) -> None:
-    rep.section("gpt2-xl (1.56B parameters): build on meta, load a checkpoint",
-                "Each step in a fresh process; the checkpoint holds random fp32 weights and is deleted after.")
+    rep.section("gpt2-xl (the book's config, untied head): build on meta, load a checkpoint",
+                "Each step in a fresh process; the checkpoint (safetensors, random fp32 weights) is deleted "
+                "after. `load_checkpoint` builds on meta and assigns memory-mapped tensors, so the weights "
+                "are read from the file by the first forward pass (here from the page cache: the file was "
+                "just written).")
     try:
         import modelkit.checkpoint  # noqa: F401
     except ImportError as exc:
@@ -438,7 +455,7 @@ def bench_xl(rep: Report) -> None:
         return
     with tempfile.TemporaryDirectory(dir=os.environ.get("MODELKIT_BENCH_TMP")) as tmp:
         path = os.path.join(tmp, "gpt2-xl.safetensors")
-        figures: dict[str, float] = {}
+        figures: dict[str, Any] = {}
         for action in ("save", "load"):
             out = subprocess.run([sys.executable, __file__, "--xl-child", action, path], capture_output=True,
                                  text=True, check=False)
@@ -447,14 +464,19 @@ def bench_xl(rep: Report) -> None:
                 return
             figures.update(json.loads(out.stdout.strip().splitlines()[-1]))
         size = sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file())
-    rep.table(["step", "time", "memory"], [
-        ["build on meta (no storage)", f"{figures['meta_s'] * 1e3:.0f} ms", "-"],
-        ["load_checkpoint (build + assign)", f"{figures['load_s']:.2f} s",
-         f"peak RSS {figures['peak_mib'] / 1024:.2f} GiB (process before: {figures['base_mib'] / 1024:.2f} GiB)"],
-        ["checkpoint file", "-", f"{size / 2**30:.2f} GiB ({figures['params'] / 1e9:.2f}B params)"],
+    gib = lambda mib: f"{mib / 1024:.2f} GiB"  # noqa: E731
+    loaded, after = figures["loaded"], figures["after"]
+    rep.table(["step", "time", "resident memory after it"], [
+        ["process start (imports)", "-", gib(figures["base"]["rss"])],
+        ["build_model on meta (first build: imports the components)", f"{figures['meta_s'] * 1e3:.0f} ms", "-"],
+        ["load_checkpoint (meta build + assign, mmap)", f"{figures['load_s']:.2f} s",
+         f"{gib(loaded['rss'])} ({gib(loaded['anon'])} allocated, {gib(loaded['file'])} mapped)"],
+        ["first forward (reads every weight)", f"{figures['forward_s']:.2f} s",
+         f"{gib(after['rss'])} ({gib(after['anon'])} allocated, {gib(after['file'])} mapped)"],
     ])
-    rep.add(f"\nPeak RSS / checkpoint size = {figures['peak_mib'] * 2**20 / size:.2f} "
-            "(1.0 would be the weights alone, no second copy).")
+    rep.add(f"\nCheckpoint {size / 2**30:.2f} GiB ({figures['params'] / 1e9:.2f}B parameters, fp32); peak RSS "
+            f"{gib(figures['peak_mib'])} = {figures['peak_mib'] * 2**20 / size:.2f}x the file (1.0: the weights "
+            "alone, no second copy).")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -474,16 +496,21 @@ def teacher_forced_agreement(model: nn.Module, seq: Tensor, ref_logits: Tensor) 
     return float((logits.argmax(-1) == ref_logits.argmax(-1)).float().mean())
 
 
-def bench_variants(rep: Report, mk: nn.Module, reps: Reps, mk_decode_s: float, mk_tokens: Tensor,
-                   with_compile: bool) -> None:
-    from modelkit.generation import generate
-    from modelkit.quantize import quantize_int8_
+def _linear_bytes(model: nn.Module) -> int:
+    """Bytes of every Linear weight (float or int8 + scales): what one decoded token reads."""
+    total = 0
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            total += m.weight.numel() * m.weight.element_size()
+        elif hasattr(m, "weight_int8"):
+            total += m.weight_int8.numel() + m.scale.numel() * m.scale.element_size()
+    return total
 
-    rep.section("Beyond the peers: bf16 weights, weight-only int8, torch.compile (modelkit, gpt2-small)",
-                "Speed-up vs modelkit fp32 in this run. Logit error: max |logit - fp32 logit| over a 8x128 "
-                "batch (fp32 logits span about ±{span:.0f}). Agreement: greedy tokens equal to fp32's from the "
-                f"start, and the share of the {PROMPT_LEN + NEW_TOKENS} positions of fp32's greedy sequence "
-                "where the argmax (next token) is the same (teacher forced).")
+
+def bench_variants(rep: Report, mk: nn.Module, reps: Reps, mk_tokens: Tensor, with_compile: bool) -> None:
+    from modelkit.generation import generate
+    from modelkit.speed import optimize_for_inference
+
     prompt = torch.randint(0, 50257, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(7))
     batch = torch.randint(0, 50257, (8, 128), generator=torch.Generator().manual_seed(8))
     long = torch.randint(0, 50257, (1, 1024), generator=torch.Generator().manual_seed(1))
@@ -491,69 +518,78 @@ def bench_variants(rep: Report, mk: nn.Module, reps: Reps, mk_decode_s: float, m
     with torch.inference_mode():
         ref_batch = mk(batch)
         ref_seq = mk(seq)
-        t_long = median_time(lambda: mk(long), reps.prefill, reps.warmup)
-        t_batch = median_time(lambda: mk(batch), reps.prefill, reps.warmup)
     span = float(ref_batch.abs().max())
-    rep.lines[-1] = rep.lines[-1].replace("{span:.0f}", f"{span:.0f}")
+    rep.section("Beyond the peers: bf16 weights, weight-only int8, torch.compile (modelkit, gpt2-small)",
+                "Measured in rounds with the fp32 model; speed-up vs fp32 in brackets. Weights/token: bytes of "
+                "Linear weights read per decoded token. Logit error: max |logit - fp32 logit| over a 8x128 "
+                f"batch (fp32 logits span about ±{span:.0f}). Greedy agreement: new tokens equal to fp32's "
+                f"before the first divergence, out of {NEW_TOKENS}. Next-token agreement: share of the "
+                f"{PROMPT_LEN + NEW_TOKENS} positions of fp32's greedy sequence where the argmax is fp32's "
+                "(teacher forced, so one early divergence does not hide later agreement).")
 
-    variants: list[tuple[str, Callable[[], nn.Module]]] = [
-        ("bf16 weights", lambda: copy.deepcopy(mk).to(torch.bfloat16)),
-        ("int8 weights, fp32 model", lambda: quantize_int8_(copy.deepcopy(mk))),
-        ("int8 weights, bf16 model", lambda: quantize_int8_(copy.deepcopy(mk).to(torch.bfloat16))),
-    ]
-    rows = [["fp32 (reference)", f"{t_long * 1e3:.0f} ms", f"{t_batch * 1e3:.0f} ms",
-             f"{NEW_TOKENS / mk_decode_s:.1f} tok/s", "0", "-", "-"]]
-    for label, make in variants:
-        model = make()
+    models = {
+        "fp32 (reference)": mk,
+        "bf16 weights": optimize_for_inference(copy.deepcopy(mk), dtype=torch.bfloat16),
+        "int8 weights, fp32 model": optimize_for_inference(copy.deepcopy(mk), quantize="int8"),
+        "int8 weights, bf16 model": optimize_for_inference(copy.deepcopy(mk), dtype=torch.bfloat16, quantize="int8"),
+    }
+    with torch.inference_mode():
+        t_long = interleaved_medians({n: (lambda m=m: m(long)) for n, m in models.items()}, reps.prefill, reps.warmup)
+        t_batch = interleaved_medians({n: (lambda m=m: m(batch)) for n, m in models.items()}, reps.prefill, reps.warmup)
+        t_dec = interleaved_medians({n: (lambda m=m: generate(m, prompt, NEW_TOKENS)) for n, m in models.items()},
+                                    reps.decode, reps.warmup)
+    ref = "fp32 (reference)"
+    rows = []
+    for name, model in models.items():
         with torch.inference_mode():
-            tl = median_time(lambda: model(long), reps.prefill, reps.warmup)
-            tb = median_time(lambda: model(batch), reps.prefill, reps.warmup)
             err = float((model(batch).float() - ref_batch).abs().max())
             tokens = generate(model, prompt, NEW_TOKENS)[:, PROMPT_LEN:]
-            td = median_time(lambda: generate(model, prompt, NEW_TOKENS), reps.decode, 0)
         tf = teacher_forced_agreement(model, seq, ref_seq)
-        rows.append([label, f"{tl * 1e3:.0f} ms ({t_long / tl:.2f}x)", f"{tb * 1e3:.0f} ms ({t_batch / tb:.2f}x)",
-                     f"{NEW_TOKENS / td:.1f} tok/s ({mk_decode_s / td:.2f}x)", f"{err:.3f}",
-                     greedy_agreement(tokens, mk_tokens), f"{tf * 100:.1f}%"])
-        del model
-        gc.collect()
-    rep.table(["variant", "prefill 1x1024", "prefill 8x128", "decode", "max logit error",
-               "greedy agreement", "next-token agreement"], rows)
+        rows.append([name, f"{_linear_bytes(model) / 1e6:.0f} MB",
+                     f"{t_long[name] * 1e3:.0f} ms ({t_long[ref] / t_long[name]:.2f}x)",
+                     f"{t_batch[name] * 1e3:.0f} ms ({t_batch[ref] / t_batch[name]:.2f}x)",
+                     f"{NEW_TOKENS / t_dec[name]:.1f} tok/s ({t_dec[ref] / t_dec[name]:.2f}x)",
+                     "0" if name == ref else f"{err:.3f}",
+                     "-" if name == ref else greedy_agreement(tokens, mk_tokens),
+                     "-" if name == ref else f"{tf * 100:.1f}%"])
+    del models
+    gc.collect()
+    rep.table(["variant", "weights/token", "prefill 1x1024", "prefill 8x128", f"decode {NEW_TOKENS}",
+               "max logit error", "greedy agreement", "next-token agreement"], rows)
     if with_compile:
-        bench_compile(rep, mk, reps, long, batch, prompt, t_long, t_batch, mk_decode_s, mk_tokens)
+        bench_compile(rep, mk, reps, long, batch, prompt, mk_tokens)
 
 
 def bench_compile(rep: Report, mk: nn.Module, reps: Reps, long: Tensor, batch: Tensor, prompt: Tensor,
-                  t_long: float, t_batch: float, mk_decode_s: float, mk_tokens: Tensor) -> None:
+                  mk_tokens: Tensor) -> None:
     from modelkit.generation import generate
 
-    rep.add("\n**torch.compile** (`torch.compile(model)`, default inductor backend, on the built fp32 model)\n")
+    rep.add("\n**torch.compile** (`torch.compile(model)`, default inductor backend, on the built fp32 model; "
+            "first call includes compilation; the rest measured in rounds with the eager model)\n")
     torch._dynamo.reset()
     compiled = torch.compile(copy.deepcopy(mk))
     rows = []
+    workloads: list[tuple[str, Callable[[nn.Module], Any], int]] = [
+        ("prefill 1x1024", lambda m: m(long), reps.prefill),
+        ("prefill 8x128", lambda m: m(batch), reps.prefill),
+        (f"decode {NEW_TOKENS} tokens", lambda m: generate(m, prompt, NEW_TOKENS), reps.decode),
+    ]
     try:
-        with torch.inference_mode():
-            start = time.perf_counter()
-            out = compiled(long)
-            first = time.perf_counter() - start
-            err = float((out - mk(long)).abs().max())
-            tl = median_time(lambda: compiled(long), reps.prefill, reps.warmup)
-            start = time.perf_counter()
-            compiled(batch)
-            first_b = time.perf_counter() - start
-            tb = median_time(lambda: compiled(batch), reps.prefill, reps.warmup)
-        rows.append(["prefill 1x1024", f"{first:.1f} s", f"{tl * 1e3:.0f} ms", f"{t_long / tl:.2f}x", f"{err:.1e}"])
-        rows.append(["prefill 8x128", f"{first_b:.1f} s", f"{tb * 1e3:.0f} ms", f"{t_batch / tb:.2f}x", "-"])
-        with torch.inference_mode():
-            start = time.perf_counter()
-            tokens = generate(compiled, prompt, NEW_TOKENS)[:, PROMPT_LEN:]
-            first_d = time.perf_counter() - start
-            td = median_time(lambda: generate(compiled, prompt, NEW_TOKENS), reps.decode, 0)
-        rows.append([f"decode {NEW_TOKENS} tokens", f"{first_d:.1f} s", f"{NEW_TOKENS / td:.1f} tok/s",
-                     f"{mk_decode_s / td:.2f}x", f"tokens equal: {int((tokens == mk_tokens).sum())}/{NEW_TOKENS}"])
+        for label, work, n in workloads:
+            with torch.inference_mode():
+                start = time.perf_counter()
+                out = work(compiled)
+                first = time.perf_counter() - start
+                if label.startswith("decode"):
+                    check = f"tokens equal to eager: {int((out[:, PROMPT_LEN:] == mk_tokens).sum())}/{NEW_TOKENS}"
+                else:
+                    check = f"max |logit diff| {float((out - work(mk)).abs().max()):.1e}"
+                t = interleaved_medians({"eager": lambda: work(mk), "compiled": lambda: work(compiled)}, n, reps.warmup)
+            rows.append([label, f"{first:.1f} s", f"{t['eager'] * 1e3:.0f} ms", f"{t['compiled'] * 1e3:.0f} ms",
+                         f"{t['eager'] / t['compiled']:.2f}x", check])
     except Exception as exc:  # report, don't crash the run
-        rows.append(["(failed)", type(exc).__name__, str(exc).splitlines()[0][:120], "-", "-"])
-    rep.table(["workload", "first call (compiles)", "after warm-up", "speed-up vs eager", "error"], rows)
+        rows.append(["(failed)", type(exc).__name__, str(exc).splitlines()[0][:120], "-", "-", "-"])
+    rep.table(["workload", "first call (compiles)", "eager", "compiled", "speed-up", "check"], rows)
     del compiled
     torch._dynamo.reset()
     gc.collect()
@@ -569,6 +605,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="prefill,decode,train,xl,variants,compile",
                         help="comma-separated sections to run")
     parser.add_argument("--out", type=Path, default=None, help=f"markdown output (default: {RESULTS})")
+    parser.add_argument("--spec", type=Path, default=SMALL, help="model spec (a smaller one only to debug this script)")
     parser.add_argument("--xl-child", nargs=2, metavar=("ACTION", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads:
@@ -585,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
     for line in machine_description(torch.get_num_threads()):
         rep.add(line)
 
-    mk = build_modelkit()
+    mk = build_modelkit(args.spec)
     peers = {"modelkit": mk, "transformers": build_hf(mk), "llms_from_scratch.ch04": build_book(mk)}
     probe = torch.randint(0, 50257, (2, 64), generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
@@ -597,11 +634,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if "prefill" in only:
         bench_prefill(rep, peers, reps)
-    mk_decode_s, mk_tokens = None, None
+    mk_tokens = None
     if "decode" in only:
         dec = {"modelkit": mk, "transformers": peers["transformers"],
                "llms_from_scratch.kv_cache": build_book(mk, kv_cache=True)}
-        mk_decode_s, mk_tokens = bench_decode(rep, dec, reps)
+        _, mk_tokens = bench_decode(rep, dec, reps)
         del dec
     if "train" in only:
         bench_train(rep, peers, reps)
@@ -610,19 +647,18 @@ def main(argv: list[str] | None = None) -> int:
     if "xl" in only:
         bench_xl(rep)
     if "variants" in only:
-        if mk_decode_s is None:
+        if mk_tokens is None:
             prompt = torch.randint(0, 50257, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(7))
-            fn = decode_fn("modelkit", mk, prompt)
-            mk_tokens = fn()[:, PROMPT_LEN:]
-            mk_decode_s = median_time(fn, reps.decode, 0)
-        bench_variants(rep, mk, reps, mk_decode_s, mk_tokens, "compile" in only)
+            with torch.inference_mode():
+                mk_tokens = decode_fn("modelkit", mk, prompt)()[:, PROMPT_LEN:]
+        bench_variants(rep, mk, reps, mk_tokens, "compile" in only)
 
     rep.section("Targets")
     for name, met, figure in rep.targets:
         rep.add(f"- {'MET' if met else 'NOT MET'}: {name}: {figure}")
     rep.add(f"\nLoad average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
             f"total run time {time.perf_counter() - started:.0f} s.")
-    out = args.out or (None if args.quick else RESULTS)
+    out = args.out or (None if args.quick or args.spec != SMALL else RESULTS)
     if out is not None:
         out.write_text("\n".join(rep.lines) + "\n")
         print(f"\nwrote {out}")
