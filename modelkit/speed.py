@@ -1,8 +1,9 @@
-"""Speed options for inference in one call: dtype, int8 weights, torch.compile, threads.
+"""Speed options for inference in one call: dtype, weight layout, int8 weights, torch.compile, threads.
 
 ``optimize_for_inference(model, dtype=torch.bfloat16, quantize="int8")`` returns a model ready for
-:func:`modelkit.generate`. Each option trades accuracy or start-up time for speed; the figures for
-gpt2-small on a CPU are in ``benchmarks/RESULTS.md``.
+:func:`modelkit.generate`. Only ``dtype`` and ``quantize`` change the numbers (slightly); the weight
+layout, threads and compile leave them as they are. The figures for gpt2-small on a CPU are in
+``benchmarks/RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -12,13 +13,15 @@ from typing import Literal, TypeVar
 import torch
 from torch import nn
 
-__all__ = ["DTYPES", "QUANTIZE", "optimize_for_inference", "parse_dtype"]
+__all__ = ["DTYPES", "LAYOUTS", "QUANTIZE", "optimize_for_inference", "parse_dtype", "set_weight_layout_"]
 
 #: dtype names accepted by :func:`parse_dtype` (and the CLI's ``--dtype``).
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
                                   "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 #: values of ``quantize`` (and the CLI's ``--quantize``).
 QUANTIZE = ("none", "int8")
+#: values of ``weight_layout``.
+LAYOUTS = ("auto", "rows", "columns")
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -31,11 +34,46 @@ def parse_dtype(name: str) -> torch.dtype:
         raise ValueError(f"unknown dtype '{name}' (known: {', '.join(DTYPES)})") from None
 
 
+def set_weight_layout_(model: nn.Module, layout: Literal["rows", "columns"]) -> nn.Module:
+    """Store every ``nn.Linear`` weight of ``model`` row-major or column-major, in place; return ``model``.
+
+    The weight keeps its shape ``(out, in)``, values, dtype, device, ``Parameter`` object and
+    state-dict name; only its strides change (``"columns"``: strides ``(1, out)``, i.e. the
+    ``(in, out)`` matrix is contiguous, Hugging Face ``Conv1D``'s layout; ``"rows"``: an ordinary
+    contiguous tensor). Batch-1 decoding reads each weight once per token through a ``(1, in) @ W``
+    matmul, whose speed depends on this layout; larger matmuls (prefill, training) run at the same
+    speed either way. Weights shared with another module (a head tied to the embedding) are left as
+    they are. Checkpoints are unaffected (savers write contiguous tensors).
+    """
+    if layout not in ("rows", "columns"):
+        raise ValueError(f"unknown weight layout '{layout}' (known: rows, columns)")
+    shared = {id(p) for m in model.modules() if not isinstance(m, nn.Linear) for p in m.parameters(recurse=False)}
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Linear) and id(module.weight) not in shared:
+                w = module.weight
+                if layout == "columns" and not w.t().is_contiguous():
+                    w.data = w.t().contiguous().t()
+                elif layout == "rows" and not w.is_contiguous():
+                    w.data = w.contiguous()
+    return model
+
+
+def _auto_layout(model: nn.Module) -> Literal["rows", "columns"]:
+    """Column-major for float32 weights on the CPU, else row-major (measured, gpt2-small decoding on
+    an AVX-512 CPU with MKL: fp32 column-major 17.7 -> 20 GB/s; bf16 column-major 25% slower)."""
+    weight = next((m.weight for m in model.modules() if isinstance(m, nn.Linear)), None)
+    if weight is not None and weight.dtype == torch.float32 and weight.device.type == "cpu":
+        return "columns"
+    return "rows"
+
+
 def optimize_for_inference(
     model: M,
     *,
     dtype: torch.dtype | str | None = None,
     quantize: Literal["none", "int8"] | None = None,
+    weight_layout: Literal["auto", "rows", "columns"] = "auto",
     compile: bool = False,
     threads: int | None = None,
 ) -> M:
@@ -45,6 +83,9 @@ def optimize_for_inference(
       faster matmuls on CPUs with AVX-512 BF16/AMX; logits move by a few 1e-2).
     - ``quantize="int8"``: weight-only int8 Linear layers (:func:`modelkit.quantize.quantize_int8_`),
       applied after the cast; fewest bytes per decoded token.
+    - ``weight_layout``: how Linear weights are stored (see :func:`set_weight_layout_`); ``"auto"``
+      picks the faster layout for batch-1 decoding on this kind of machine (CPU float32:
+      ``"columns"``, about 12-20% faster decoding; otherwise ``"rows"``). Values are unchanged.
     - ``compile``: wrap in ``torch.compile`` (the returned module is the compiled wrapper; the first
       calls compile, which takes a while).
     - ``threads``: ``torch.set_num_threads(threads)`` (process-wide).
@@ -59,15 +100,18 @@ def optimize_for_inference(
         dtype = parse_dtype(dtype)
     if quantize not in (None, *QUANTIZE):
         raise ValueError(f"unknown quantize '{quantize}' (known: {', '.join(QUANTIZE)})")
+    if weight_layout not in LAYOUTS:
+        raise ValueError(f"unknown weight_layout '{weight_layout}' (known: {', '.join(LAYOUTS)})")
     model.eval()
     if dtype is not None:
         if not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating point dtype, got {dtype}")
         model.to(dtype)
-    if quantize == "int8":
+    if quantize == "int8":  # int8 layers keep their own layout
         from .quantize import quantize_int8_
 
         quantize_int8_(model)
+    set_weight_layout_(model, _auto_layout(model) if weight_layout == "auto" else weight_layout)
     if compile:
         return torch.compile(model)  # type: ignore[return-value]  # an OptimizedModule wrapping model
     return model

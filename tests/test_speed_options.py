@@ -16,7 +16,7 @@ from modelkit import build_model
 from modelkit.cli import main
 from modelkit.generation import generate
 from modelkit.quantize import SMALL_BATCH, Int8Linear, quantize_int8_, quantize_weight_int8
-from modelkit.speed import optimize_for_inference, parse_dtype
+from modelkit.speed import optimize_for_inference, parse_dtype, set_weight_layout_
 
 # emb_dim 32 (a multiple of 16) takes the int8 kernel when decoding; 97 in-features take the fallback.
 CFG = tiny_cfg(vocab_size=97, emb_dim=32, context_length=32, qkv_bias=True)
@@ -126,6 +126,8 @@ def test_optimize_for_inference_sets_eval_and_checks_its_arguments():
         optimize_for_inference(model, quantize="int4")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="threads"):
         optimize_for_inference(model, threads=0)
+    with pytest.raises(ValueError, match="unknown weight_layout"):
+        optimize_for_inference(model, weight_layout="diagonal")  # type: ignore[arg-type]
 
 
 def test_cli_generate_with_bf16_and_int8_prints_what_the_api_generates(tmp_path, capsys):
@@ -156,3 +158,46 @@ def test_single_query_sdpa_runs_serially_with_the_same_result_and_restores_the_t
         assert torch.allclose(out, ref, atol=1e-6)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_column_major_weights_keep_values_names_and_outputs():
+    model = fp32_model()
+    ref_model = fp32_model()
+    params = dict(model.named_parameters())
+    set_weight_layout_(model, "columns")
+    w = model.trf_blocks[0].att.W_query.weight
+    assert w is params["trf_blocks.0.att.W_query.weight"] and w.t().is_contiguous() and not w.is_contiguous()
+    assert all(torch.equal(p, q) for p, q in zip(model.state_dict().values(), ref_model.state_dict().values()))
+    idx = torch.randint(0, CFG["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
+        assert torch.allclose(model(idx), ref_model(idx), atol=1e-5)
+    set_weight_layout_(model, "rows")
+    assert w.is_contiguous()
+
+
+def test_column_major_model_trains_and_saves_like_the_row_major_one(tmp_path):
+    from modelkit.checkpoint import load_checkpoint, save_checkpoint
+
+    models = [fp32_model().train(), set_weight_layout_(fp32_model().train(), "columns")]
+    idx = torch.randint(0, CFG["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(7))
+    grads = []
+    for model in models:
+        torch.manual_seed(1)  # same dropout masks
+        model(idx).sum().backward()
+        grads.append(model.trf_blocks[1].ff.layers[0].weight.grad)
+    assert torch.allclose(grads[0], grads[1], atol=1e-5)
+    save_checkpoint(models[1], tmp_path / "m.safetensors")
+    loaded = load_checkpoint(tmp_path / "m.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), models[1].state_dict().values()))
+
+
+def test_tied_head_keeps_the_embeddings_layout():
+    model = set_weight_layout_(fp32_model(tie_embeddings=True), "columns")
+    assert model.out_head.weight is model.tok_emb.weight and model.tok_emb.weight.is_contiguous()
+
+
+@pytest.mark.parametrize(("dtype", "layout"), [(None, "columns"), ("bf16", "rows")])
+def test_optimize_for_inference_picks_the_decode_layout_for_the_dtype(dtype, layout):
+    model = optimize_for_inference(set_weight_layout_(fp32_model(), "columns"), dtype=dtype)
+    w = model.out_head.weight
+    assert (w.t().is_contiguous() and not w.is_contiguous()) if layout == "columns" else w.is_contiguous()

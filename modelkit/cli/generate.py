@@ -112,10 +112,9 @@ def run(args: argparse.Namespace) -> int:
     check_sampling_args(args.temperature, args.top_k, args.top_p)  # before building anything
     tokenizer = get_tokenizer()
     model = load_model(args)
-    if args.dtype != "float32" or args.quantize != "none":
-        from ..speed import optimize_for_inference
+    from ..speed import optimize_for_inference  # dtype, int8, and the decode-friendly weight layout
 
-        model = optimize_for_inference(model, dtype=args.dtype, quantize=args.quantize)
+    model = optimize_for_inference(model, dtype=args.dtype, quantize=args.quantize)
     if model.spec.vocab_size < tokenizer.n_vocab:
         raise GenerationError(
             f"the model has vocab_size {model.spec.vocab_size}, fewer than the GPT-2 tokenizer's "
