@@ -49,54 +49,14 @@ def set_weight_layout_(model: nn.Module, layout: Literal["rows", "columns"]) -> 
         raise ValueError(f"unknown weight layout '{layout}' (known: rows, columns)")
     shared = {id(p) for m in model.modules() if not isinstance(m, nn.Linear) for p in m.parameters(recurse=False)}
     with torch.no_grad():
-        if layout == "columns":
-            from .components.attention import MultiHeadAttention
-
-            for module in model.modules():
-                if isinstance(module, MultiHeadAttention):
-                    _stack_qkv_(module, shared)
         for module in model.modules():
             if isinstance(module, nn.Linear) and id(module.weight) not in shared:
                 w = module.weight
-                if layout == "columns" and w.stride(0) != 1:  # stacked q/k/v blocks count as columns
+                if layout == "columns" and not w.t().is_contiguous():
                     w.data = w.t().contiguous().t()
                 elif layout == "rows" and not w.is_contiguous():
                     w.data = w.contiguous()
     return model
-
-
-def _stack_qkv_(att: nn.Module, shared: set[int]) -> None:
-    """Put W_query/W_key/W_value of ``att`` side by side in one column-major buffer ``(in, 3·out)``.
-
-    Each weight becomes a view of its block (shape, values and name unchanged), so in inference the
-    attention computes q, k and v with one matmul over the buffer (one larger read of the weights,
-    faster than three); in-place updates of a weight update the buffer. Their biases, if any, are
-    put in one buffer the same way.
-    """
-    linears = [att.W_query, att.W_key, att.W_value]
-    if not all(isinstance(lin, nn.Linear) for lin in linears):  # e.g. int8 layers
-        return
-    weights = [lin.weight for lin in linears]
-    if any(id(w) in shared for w in weights) or len({(w.shape[1], w.dtype, w.device) for w in weights}) != 1:
-        return
-    from .components.attention import stacked_rows
-
-    if stacked_rows(weights) is None:
-        total = sum(w.shape[0] for w in weights)
-        buffer = torch.empty(weights[0].shape[1], total, dtype=weights[0].dtype, device=weights[0].device)
-        start = 0
-        for w in weights:
-            block = buffer[:, start:start + w.shape[0]]
-            block.copy_(w.t())
-            w.data = block.t()
-            start += w.shape[0]
-    biases = [lin.bias for lin in linears]
-    if all(b is not None for b in biases) and stacked_rows(biases) is None:
-        buffer = torch.cat([b.detach() for b in biases])
-        start = 0
-        for b in biases:
-            b.data = buffer[start:start + b.shape[0]]
-            start += b.shape[0]
 
 
 def _auto_layout(model: nn.Module) -> Literal["rows", "columns"]:

@@ -165,8 +165,8 @@ def test_column_major_weights_keep_values_names_and_outputs():
     ref_model = fp32_model()
     params = dict(model.named_parameters())
     set_weight_layout_(model, "columns")
-    w = model.trf_blocks[0].ff.layers[0].weight
-    assert w is params["trf_blocks.0.ff.layers.0.weight"] and w.t().is_contiguous() and not w.is_contiguous()
+    w = model.trf_blocks[0].att.W_query.weight
+    assert w is params["trf_blocks.0.att.W_query.weight"] and w.t().is_contiguous() and not w.is_contiguous()
     assert all(torch.equal(p, q) for p, q in zip(model.state_dict().values(), ref_model.state_dict().values()))
     idx = torch.randint(0, CFG["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(6))
     with torch.inference_mode():
@@ -201,41 +201,3 @@ def test_optimize_for_inference_picks_the_decode_layout_for_the_dtype(dtype, lay
     model = optimize_for_inference(set_weight_layout_(fp32_model(), "columns"), dtype=dtype)
     w = model.out_head.weight
     assert (w.t().is_contiguous() and not w.is_contiguous()) if layout == "columns" else w.is_contiguous()
-
-
-@pytest.mark.parametrize("qkv_bias", [False, True])
-def test_column_layout_stacks_query_key_value_for_one_matmul_with_the_same_outputs(qkv_bias):
-    model = fp32_model(qkv_bias=qkv_bias)
-    ref_model = fp32_model(qkv_bias=qkv_bias)
-    set_weight_layout_(model, "columns")
-    att = model.trf_blocks[0].att
-    assert att._stacked_qkv() is not None
-    assert att.W_key.weight.untyped_storage().data_ptr() == att.W_query.weight.untyped_storage().data_ptr()
-    assert set(model.state_dict()) == set(ref_model.state_dict())
-    assert all(torch.equal(p, q) for p, q in zip(model.state_dict().values(), ref_model.state_dict().values()))
-    idx = torch.randint(0, CFG["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(8))
-    with torch.inference_mode():
-        assert torch.allclose(model(idx), ref_model(idx), atol=1e-5)
-        assert torch.equal(generate(model, idx[:1, :3], 8), generate(ref_model, idx[:1, :3], 8))
-
-
-def test_stacked_weights_follow_in_place_updates_and_loading():
-    model = set_weight_layout_(fp32_model(), "columns")
-    other = fp32_model()
-    with torch.no_grad():
-        for p in other.parameters():
-            p.add_(0.01)
-    model.load_state_dict(other.state_dict())
-    assert model.trf_blocks[1].att._stacked_qkv() is not None  # loading copies into the buffer
-    idx = torch.randint(0, CFG["vocab_size"], (1, 7), generator=torch.Generator().manual_seed(9))
-    with torch.inference_mode():
-        assert torch.allclose(model(idx), other.eval()(idx), atol=1e-5)
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
-    model(idx).sum().backward()  # with gradients: the three separate matmuls
-    opt.step()
-    model.eval()
-    unstacked = fp32_model()
-    unstacked.load_state_dict(model.state_dict())
-    with torch.inference_mode():
-        assert torch.allclose(model(idx), unstacked(idx), atol=1e-5)
