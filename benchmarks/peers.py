@@ -348,7 +348,10 @@ def bench_decode(rep: Report, models: dict[str, nn.Module], reps: Reps) -> tuple
                 "below it is the model as built. The weight-read bound runs every Linear weight once as a "
                 f"(1, in) @ W matmul, {NEW_TOKENS} times, interleaved with the decoders, with the weights "
                 "stored either way; the faster is the bound: decoding cannot beat it without reading "
-                "fewer bytes per token.")
+                "fewer bytes per token. transformers: `generate(do_sample=False, min_new_tokens=200)`. "
+                "llms_from_scratch.kv_cache: the package's KV-cache GPT-2 and its greedy loop; its attention "
+                "slices the causal mask's columns instead of its rows (1.0.19), which fails on the first "
+                "cached step, so that one line is fixed here.")
     prompt = torch.randint(0, 50257, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(7))
     fns: dict[str, Callable[[], Any]] = {name: decode_fn(name, model, prompt) for name, model in models.items()}
     bounds = {}
