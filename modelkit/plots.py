@@ -62,6 +62,12 @@ def plot_loss_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str 
         ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
+    return _save(plt, fig, path)
+
+
+
+def _save(plt: Any, fig: Any, path: str | os.PathLike[str]) -> Path:
+    """Lay out ``fig``, write it as a PNG at ``path`` (creating folders), close it; return the path."""
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -88,9 +94,4 @@ def plot_grad_norms(norms: Mapping[str, Sequence[float]], path: str | os.PathLik
     ax.set_title(title, fontsize="medium")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize="small")
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, path)
