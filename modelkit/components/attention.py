@@ -9,7 +9,7 @@ from pydantic import AfterValidator, Field
 from torch import Tensor, nn
 
 from ..registry import register
-from .base import Attention, LayerContext, ModelDims, NoPositional
+from .base import Attention, LayerContext, ModelDims, NoPositional, Positional
 from .kernels import attention_kernel_names, check_backend, get_attention_kernel
 
 BackendName = Annotated[
@@ -31,10 +31,14 @@ def attend(q: Tensor, k: Tensor, v: Tensor, ctx: LayerContext | None, kernel: An
     """
     if ctx is None:
         ctx = LayerContext(torch.arange(q.shape[-2], device=q.device), _NO_POSITIONAL)
-    q, k = ctx.positional.rotate(q, k, ctx.positions)
+    hooks = type(ctx.positional)
+    if hooks.rotate is not Positional.rotate:  # the base class's hooks do nothing: skip the calls
+        q, k = ctx.positional.rotate(q, k, ctx.positions)
     if ctx.cache is not None:
         k, v = ctx.cache.update(k, v)
-    bias = ctx.positional.attention_bias(ctx.positions, torch.arange(k.shape[-2], device=q.device))
+    bias = None
+    if hooks.attention_bias is not Positional.attention_bias:
+        bias = ctx.positional.attention_bias(ctx.positions, torch.arange(k.shape[-2], device=q.device))
     if k.shape[1] != q.shape[1]:
         groups = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(groups, dim=1)
