@@ -15,6 +15,7 @@ from torch import nn
 from modelkit import build_model
 from modelkit.cli import main
 from modelkit.generation import generate
+from modelkit.onednn import onednn_linear_available
 from modelkit.quantize import SMALL_BATCH, Int8Linear, quantize_int8_, quantize_weight_int8
 from modelkit.speed import optimize_for_inference, parse_dtype, set_weight_layout_
 
@@ -196,8 +197,11 @@ def test_tied_head_keeps_the_embeddings_layout():
     assert model.out_head.weight is model.tok_emb.weight and model.tok_emb.weight.is_contiguous()
 
 
-@pytest.mark.parametrize(("dtype", "layout"), [(None, "columns"), ("bf16", "rows")])
-def test_optimize_for_inference_picks_the_decode_layout_for_the_dtype(dtype, layout):
-    model = optimize_for_inference(set_weight_layout_(fp32_model(), "columns"), dtype=dtype)
+@pytest.mark.parametrize(("dtype", "kernel", "layout"),
+                         [(None, "aten", "columns"), (None, "onednn", "columns"), ("bf16", "aten", "rows"), ("bf16", "onednn", "rows")])
+def test_optimize_for_inference_picks_the_decode_layout_for_the_kernel(dtype, kernel, layout):
+    if kernel == "onednn" and not onednn_linear_available():
+        pytest.skip("this PyTorch build has no oneDNN linear op")
+    model = optimize_for_inference(set_weight_layout_(fp32_model(), "columns"), dtype=dtype, linear_kernel=kernel)
     w = model.out_head.weight
     assert (w.t().is_contiguous() and not w.is_contiguous()) if layout == "columns" else w.is_contiguous()

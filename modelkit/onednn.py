@@ -1,0 +1,84 @@
+"""oneDNN matmuls for inference on the CPU: ``nn.Linear`` layers that run on oneDNN's JIT kernels.
+
+PyTorch computes a float32 ``nn.Linear`` on the CPU with MKL's sgemm. MKL does not use its AVX-512
+code on AMD processors, while oneDNN (also inside every CPU build of PyTorch) JIT-compiles for the
+machine it runs on. Measured on a 2-core AMD EPYC (AVX-512), torch 2.13, twelve 3072x768 fp32
+weights: 1 row (a decode step) 6.6 ms with MKL (row-major weights) or 4.7 ms (column-major), 2.9 ms
+with oneDNN; 1024 rows (a prefill) 307 ms vs 131-161 ms. On Intel CPUs both use AVX-512.
+
+:class:`OneDNNLinear` is an ``nn.Linear`` (same parameters, names, ``isinstance`` checks, state
+dict) whose forward calls ``torch.ops.mkldnn._linear_pointwise`` when that is valid: CPU tensors of
+float32 or bfloat16, matching dtypes, and no autograd graph to build (inference mode or
+``torch.no_grad()``, or weights that do not require gradients). Anything else (training, other
+devices, mixed dtypes) runs ``F.linear``, so a model that went through :func:`use_onednn_linear_`
+still trains. The numbers differ from MKL's only by summation order (float32: about 1e-6
+relative).
+
+The op is a private PyTorch API (it backs Inductor's CPU fusions); :func:`onednn_linear_available`
+checks that it exists and computes a linear layer correctly before anything uses it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["OneDNNLinear", "onednn_linear_available", "use_onednn_linear_"]
+
+_DTYPES = (torch.float32, torch.bfloat16)
+
+
+@functools.cache
+def onednn_linear_available() -> bool:
+    """True when this PyTorch build has the oneDNN linear op and it matches ``F.linear`` on a probe."""
+    op = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+    if op is None or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        gen = torch.Generator().manual_seed(0)
+        x, w, b = torch.randn(3, 40, generator=gen), torch.randn(24, 40, generator=gen), torch.randn(24, generator=gen)
+        with torch.no_grad():
+            return bool(torch.allclose(op(x, w, b, "none", [], ""), F.linear(x, w, b), atol=1e-4, rtol=1e-5))
+    except (RuntimeError, TypeError):
+        return False
+
+
+class OneDNNLinear(nn.Linear):
+    """``nn.Linear`` computed by oneDNN in inference on the CPU (see the module docstring)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight
+        if (x.device.type != "cpu" or x.dtype != w.dtype or x.dtype not in _DTYPES
+                or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))):
+            return F.linear(x, w, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "none", [], "")
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> OneDNNLinear:
+        """A OneDNNLinear holding the very same parameters (shared, so tied weights stay tied)."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = linear.in_features, linear.out_features
+        new.weight = linear.weight
+        new.bias = linear.bias
+        return new
+
+
+def use_onednn_linear_(model: nn.Module) -> int:
+    """Replace every plain ``nn.Linear`` of ``model`` (in place) by a :class:`OneDNNLinear`.
+
+    Parameters are shared, not copied: names, values, ties and the state dict are unchanged.
+    Returns how many layers were replaced (0 when :func:`onednn_linear_available` is False).
+    """
+    if not onednn_linear_available():
+        return 0
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                setattr(parent, name, OneDNNLinear.from_linear(child))
+                replaced += 1
+    return replaced

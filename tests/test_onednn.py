@@ -1,0 +1,117 @@
+"""oneDNN Linear layers (modelkit.onednn): same maths as F.linear, same parameters, training untouched.
+
+References are ``F.linear`` (an independent kernel: MKL on the CPU) and float64 matmuls; speed is
+measured by ``benchmarks/peers.py``, not here.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_cfg
+from torch import nn
+
+from modelkit import build_model
+from modelkit.generation import generate
+from modelkit.onednn import OneDNNLinear, onednn_linear_available, use_onednn_linear_
+from modelkit.speed import optimize_for_inference
+
+pytestmark = pytest.mark.skipif(not onednn_linear_available(), reason="this PyTorch build has no oneDNN linear op")
+
+CFG = tiny_cfg(vocab_size=97, emb_dim=32, context_length=32, qkv_bias=True)
+
+
+def model(**overrides: object) -> nn.Module:
+    torch.manual_seed(0)
+    return build_model(dict(CFG, **overrides)).eval()
+
+
+def uses_onednn(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count calls of the oneDNN op (so a test can tell which kernel ran)."""
+    calls = [0]
+    op = torch.ops.mkldnn._linear_pointwise
+
+    class Counting:
+        def __call__(self, *args: object) -> torch.Tensor:
+            calls[0] += 1
+            return op(*args)
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", Counting())
+    return calls
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(1, 48), (3, 5, 48), (2, 1, 48)])
+def test_onednn_linear_matches_a_float64_matmul(shape, bias, monkeypatch):
+    calls = uses_onednn(monkeypatch)
+    torch.manual_seed(2)
+    layer = OneDNNLinear.from_linear(nn.Linear(48, 40, bias=bias))
+    x = torch.randn(*shape)
+    ref = x.double() @ layer.weight.double().T + (layer.bias.double() if bias else 0.0)
+    with torch.inference_mode():
+        out = layer(x)
+    assert calls[0] == 1 and out.shape == (*shape[:-1], 40) and out.dtype == torch.float32
+    assert torch.allclose(out.double(), ref, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(out, F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+
+
+def test_onednn_linear_takes_strided_inputs_and_column_major_weights():
+    torch.manual_seed(3)
+    layer = OneDNNLinear.from_linear(nn.Linear(32, 24))
+    layer.weight.data = layer.weight.data.t().contiguous().t()
+    x = torch.randn(2, 7, 32)[:, -1:, :]  # a non-contiguous slice, as last_only makes
+    with torch.no_grad():
+        assert torch.allclose(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5)
+
+
+def test_onednn_linear_falls_back_to_f_linear_when_training(monkeypatch):
+    calls = uses_onednn(monkeypatch)
+    torch.manual_seed(4)
+    plain = nn.Linear(16, 8)
+    fast = OneDNNLinear.from_linear(nn.Linear(16, 8))
+    fast.load_state_dict(plain.state_dict())
+    x = torch.randn(5, 16)
+    plain(x).square().sum().backward()
+    fast(x).square().sum().backward()
+    assert calls[0] == 0
+    assert torch.equal(plain.weight.grad, fast.weight.grad) and torch.equal(plain.bias.grad, fast.bias.grad)
+    with torch.inference_mode():
+        fast(torch.randn(2, 16))
+        assert calls[0] == 1
+        fast.double()(torch.randn(2, 16, dtype=torch.float64))  # float64 is not a oneDNN dtype: F.linear
+    assert calls[0] == 1
+
+
+def test_replacing_linears_keeps_parameters_names_and_ties():
+    m = model(tie_embeddings=True)
+    before = dict(m.named_parameters())
+    keys = list(m.state_dict())
+    n = use_onednn_linear_(m)
+    assert n == len(m.trf_blocks) * 6 + 1
+    assert all(type(mod) is not nn.Linear for mod in m.modules())
+    assert dict(m.named_parameters()) == before and list(m.state_dict()) == keys
+    assert m.out_head.weight is m.tok_emb.weight
+
+
+def test_optimized_model_generates_the_fp32_tokens_and_logits():
+    ref, fast = model(), optimize_for_inference(model())
+    assert isinstance(fast.trf_blocks[0].ff.layers[0], OneDNNLinear)
+    idx = torch.randint(0, CFG["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        assert torch.allclose(fast(idx), ref(idx), atol=1e-5)
+    assert torch.equal(generate(fast, idx[:1, :4], 20), generate(ref, idx[:1, :4], 20))
+
+
+def test_kernel_choice_and_a_build_without_onednn(monkeypatch):
+    assert type(optimize_for_inference(model(), linear_kernel="aten").out_head) is nn.Linear
+    with pytest.raises(ValueError, match="unknown linear_kernel 'mkl'"):
+        optimize_for_inference(model(), linear_kernel="mkl")
+    import modelkit.onednn
+    import modelkit.speed
+
+    monkeypatch.setattr(modelkit.speed, "onednn_linear_available", lambda: False)
+    monkeypatch.setattr(modelkit.onednn, "onednn_linear_available", lambda: False)
+    assert type(optimize_for_inference(model()).out_head) is nn.Linear  # auto: falls back quietly
+    with pytest.raises(ValueError, match="needs a PyTorch build with oneDNN"):
+        optimize_for_inference(model(), linear_kernel="onednn")
