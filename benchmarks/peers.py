@@ -415,7 +415,8 @@ def bench_train(rep: Report, models: dict[str, nn.Module], reps: Reps) -> None:
     b, s = 4, 256
     rep.section(f"Training step (forward, backward, AdamW; batch {b}x{s}, dropout 0.1, fp32)",
                 "Each model is a fresh copy of the same weights with its own AdamW; tokens/s = batch tokens / "
-                "step time.")
+                "step time. modelkit: oneDNN Linear layers, forward and backward (what `modelkit train` uses "
+                "on the CPU: `linear_kernel=\"auto\"`); the row below it is the model as built.")
     gen = torch.Generator().manual_seed(11)
     idx = torch.randint(0, 50257, (b, s), generator=gen)
     targets = torch.randint(0, 50257, (b, s), generator=gen)
@@ -436,10 +437,12 @@ def bench_train(rep: Report, models: dict[str, nn.Module], reps: Reps) -> None:
     del fns
     gc.collect()
     rep.table(["model", "step time", "tokens/s", "modelkit speed-up"], speed_rows(entries, "ms", b * s, "tok/s"))
-    fastest = min(t for _, t in entries[1:])
+    fastest = min(t for n, t in entries if not n.startswith("modelkit"))
+    as_built = dict(entries).get("modelkit (as built)")
     rep.target("training step at least as fast as the fastest peer", entries[0][1] <= fastest,
                f"modelkit {b * s / entries[0][1]:.0f} tok/s vs fastest peer {b * s / fastest:.0f} tok/s "
-               f"({fastest / entries[0][1]:.2f}x)")
+               f"({fastest / entries[0][1]:.2f}x" + (f"; the model as built: {fastest / as_built:.2f}x)" if as_built
+                                                     else ")"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -722,7 +725,13 @@ def main(argv: list[str] | None = None) -> int:
         del dec
     del mk_fast
     if "train" in only:
-        bench_train(rep, peers, reps)
+        from modelkit.onednn import use_onednn_linear_
+
+        mk_train = copy.deepcopy(mk)
+        use_onednn_linear_(mk_train)
+        bench_train(rep, {"modelkit": mk_train, "modelkit (as built)": mk,
+                          **{n: m for n, m in peers.items() if n != "modelkit"}}, reps)
+        del mk_train
     del peers
     gc.collect()
     if "xl" in only:

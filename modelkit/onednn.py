@@ -1,4 +1,4 @@
-"""oneDNN matmuls for inference on the CPU: ``nn.Linear`` layers that run on oneDNN's JIT kernels.
+"""oneDNN matmuls on the CPU: ``nn.Linear`` layers that run on oneDNN's JIT kernels.
 
 PyTorch computes a float32 ``nn.Linear`` on the CPU with MKL's sgemm. MKL does not use its AVX-512
 code on AMD processors, while oneDNN (also inside every CPU build of PyTorch) JIT-compiles for the
@@ -7,12 +7,11 @@ weights: 1 row (a decode step) 6.6 ms with MKL (row-major weights) or 4.7 ms (co
 with oneDNN; 1024 rows (a prefill) 307 ms vs 131-161 ms. On Intel CPUs both use AVX-512.
 
 :class:`OneDNNLinear` is an ``nn.Linear`` (same parameters, names, ``isinstance`` checks, state
-dict) whose forward calls ``torch.ops.mkldnn._linear_pointwise`` when that is valid: CPU tensors of
-float32 or bfloat16, matching dtypes, and no autograd graph to build (inference mode or
-``torch.no_grad()``, or weights that do not require gradients). Anything else (training, other
-devices, mixed dtypes) runs ``F.linear``, so a model that went through :func:`use_onednn_linear_`
-still trains. The numbers differ from MKL's only by summation order (float32: about 1e-6
-relative).
+dict) whose forward calls ``torch.ops.mkldnn._linear_pointwise`` for CPU tensors of float32 or
+bfloat16 with matching dtypes; when autograd is recording, its backward computes both gradients
+with the same op (training a gpt2-small step, 4x256 tokens: 183 -> 289 tokens/s). Other devices,
+other or mixed dtypes and autocast run ``F.linear``. The numbers differ from MKL's only by
+summation order (float32: about 1e-6 relative).
 
 The op is a private PyTorch API (it backs Inductor's CPU fusions); :func:`onednn_linear_available`
 checks that it exists and computes a linear layer correctly before anything uses it.
@@ -21,6 +20,7 @@ checks that it exists and computes a linear layer correctly before anything uses
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,28 +33,59 @@ _DTYPES = (torch.float32, torch.bfloat16)
 
 @functools.cache
 def onednn_linear_available() -> bool:
-    """True when this PyTorch build has the oneDNN linear op and it matches ``F.linear`` on a probe."""
+    """True when this PyTorch build has the oneDNN linear op and it computes a layer's forward and
+    gradient products correctly on a small probe (checked once per process)."""
     op = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
     if op is None or not torch.backends.mkldnn.is_available():
         return False
     try:
         gen = torch.Generator().manual_seed(0)
         x, w, b = torch.randn(3, 40, generator=gen), torch.randn(24, 40, generator=gen), torch.randn(24, generator=gen)
-        with torch.no_grad():
-            return bool(torch.allclose(op(x, w, b, "none", [], ""), F.linear(x, w, b), atol=1e-4, rtol=1e-5))
+        with torch.no_grad():  # the three products a layer needs: forward, and both gradients (strided)
+            g = x @ w.t()  # stands for the gradient of the output
+            checks = ((op(x, w, b, "none", [], ""), F.linear(x, w, b)),
+                      (op(g, w.t(), None, "none", [], ""), g @ w),
+                      (op(g.t(), x.t(), None, "none", [], ""), g.t() @ x))
+            return all(torch.allclose(out, ref, atol=1e-4, rtol=1e-5) for out, ref in checks)
     except (RuntimeError, TypeError):
         return False
 
 
+class _LinearFunction(torch.autograd.Function):
+    """``x @ wᵀ + b`` with oneDNN forward and backward (gradients are oneDNN matmuls too)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x, w)
+        ctx.has_bias = b is not None
+        return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        x, w = ctx.saved_tensors
+        op = torch.ops.mkldnn._linear_pointwise
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:  # grad @ w, as a linear layer whose weight is wᵀ
+            grad_x = op(grad, w.t(), None, "none", [], "")
+        grad2 = grad.reshape(-1, grad.shape[-1])
+        if ctx.needs_input_grad[1]:  # gradᵀ @ x
+            grad_w = op(grad2.t(), x.reshape(-1, x.shape[-1]).t(), None, "none", [], "")
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad2.sum(0)
+        return grad_x, grad_w, grad_b
+
+
 class OneDNNLinear(nn.Linear):
-    """``nn.Linear`` computed by oneDNN in inference on the CPU (see the module docstring)."""
+    """``nn.Linear`` computed by oneDNN on the CPU (see the module docstring)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        w = self.weight
+        w, b = self.weight, self.bias
         if (x.device.type != "cpu" or x.dtype != w.dtype or x.dtype not in _DTYPES
-                or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))):
-            return F.linear(x, w, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "none", [], "")
+                or torch.is_autocast_enabled("cpu")):
+            return F.linear(x, w, b)
+        if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
+            return _LinearFunction.apply(x, w, b)
+        return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> OneDNNLinear:

@@ -101,6 +101,7 @@ class TrainConfig:
     seed: int = 123
     shuffle: bool = True
     device: str = "auto"
+    linear_kernel: str = "auto"
     plot: bool = False
 
     def __post_init__(self) -> None:
@@ -125,6 +126,8 @@ class TrainConfig:
             problems.append(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             problems.append(f"grad_clip must be positive, got {self.grad_clip}")
+        if self.linear_kernel not in ("auto", "aten", "onednn"):
+            problems.append(f"linear_kernel must be auto, aten or onednn, got {self.linear_kernel!r}")
         if problems:
             raise TrainError("invalid training config: " + "; ".join(problems))
 
@@ -462,6 +465,17 @@ def resume_config(path: str | os.PathLike[str], world_size: int = 1, **overrides
     return TrainConfig.from_dict(data)
 
 
+def _choose_linear_kernel(model: nn.Module, kernel: str, device: torch.device) -> None:
+    """``auto``: oneDNN Linear layers on the CPU when PyTorch has them (about 1.6x faster training
+    steps on CPUs where MKL lacks AVX-512; see :mod:`modelkit.onednn`); ``aten``: ``F.linear``."""
+    from .onednn import onednn_linear_available, use_onednn_linear_
+
+    if kernel == "onednn" and (device.type != "cpu" or not onednn_linear_available()):
+        raise TrainError("linear_kernel 'onednn' needs the CPU and a PyTorch build with oneDNN")
+    if kernel == "onednn" or (kernel == "auto" and device.type == "cpu"):
+        use_onednn_linear_(model)
+
+
 def train(spec: ModelSpec | Mapping[str, Any] | str | os.PathLike[str] | None, data: TokenSource,
           config: TrainConfig | None = None, *, val_data: TokenSource | None = None,
           out_dir: str | os.PathLike[str] | None = None, resume: str | os.PathLike[str] | None = None,
@@ -531,6 +545,7 @@ def train(spec: ModelSpec | Mapping[str, Any] | str | os.PathLike[str] | None, d
             model.load_state_dict(ckpt_model.state_dict())
             del ckpt_model
         model.to(device)
+        _choose_linear_kernel(model, config.linear_kernel, device)
         if ctx.world_size > 1:
             torch.manual_seed(config.seed + ctx.rank)  # each rank its own dropout stream
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,

@@ -65,22 +65,31 @@ def test_onednn_linear_takes_strided_inputs_and_column_major_weights():
         assert torch.allclose(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5)
 
 
-def test_onednn_linear_falls_back_to_f_linear_when_training(monkeypatch):
+@pytest.mark.parametrize("shape", [(5, 16), (2, 3, 16)])
+def test_onednn_linear_trains_with_float64_gradients(shape, monkeypatch):
     calls = uses_onednn(monkeypatch)
     torch.manual_seed(4)
-    plain = nn.Linear(16, 8)
     fast = OneDNNLinear.from_linear(nn.Linear(16, 8))
-    fast.load_state_dict(plain.state_dict())
-    x = torch.randn(5, 16)
-    plain(x).square().sum().backward()
+    ref = nn.Linear(16, 8).double()
+    ref.load_state_dict(fast.state_dict())
+    x = torch.randn(*shape)
+    x64 = x.double().requires_grad_()
+    x.requires_grad_()
     fast(x).square().sum().backward()
-    assert calls[0] == 0
-    assert torch.equal(plain.weight.grad, fast.weight.grad) and torch.equal(plain.bias.grad, fast.bias.grad)
+    ref(x64).square().sum().backward()
+    assert calls[0] == 3  # forward, grad of x, grad of the weight
+    for got, want in ((x.grad, x64.grad), (fast.weight.grad, ref.weight.grad), (fast.bias.grad, ref.bias.grad)):
+        assert torch.allclose(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_onednn_linear_leaves_other_dtypes_and_autocast_to_f_linear(monkeypatch):
+    calls = uses_onednn(monkeypatch)
+    layer = OneDNNLinear.from_linear(nn.Linear(16, 8))
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(torch.randn(2, 16)).dtype == torch.bfloat16  # autocast's F.linear
     with torch.inference_mode():
-        fast(torch.randn(2, 16))
-        assert calls[0] == 1
-        fast.double()(torch.randn(2, 16, dtype=torch.float64))  # float64 is not a oneDNN dtype: F.linear
-    assert calls[0] == 1
+        layer.double()(torch.randn(2, 16, dtype=torch.float64))  # float64 is not a oneDNN dtype
+    assert calls[0] == 0
 
 
 def test_replacing_linears_keeps_parameters_names_and_ties():
@@ -115,3 +124,19 @@ def test_kernel_choice_and_a_build_without_onednn(monkeypatch):
     assert type(optimize_for_inference(model()).out_head) is nn.Linear  # auto: falls back quietly
     with pytest.raises(ValueError, match="needs a PyTorch build with oneDNN"):
         optimize_for_inference(model(), linear_kernel="onednn")
+
+
+def test_training_on_onednn_follows_the_f_linear_run(monkeypatch):
+    from modelkit.train import TrainConfig, TrainError, train
+
+    ids = torch.randint(0, CFG["vocab_size"], (600,), generator=torch.Generator().manual_seed(8)).tolist()
+    runs, calls = {}, uses_onednn(monkeypatch)
+    for kernel in ("aten", "auto"):
+        config = TrainConfig(steps=6, batch_size=2, max_length=16, lr=3e-3, eval_every=100, linear_kernel=kernel)
+        runs[kernel] = train(CFG, ids, config, progress=False)
+        assert (calls[0] > 0) == (kernel == "auto")
+    assert type(runs["aten"].model.out_head) is nn.Linear and isinstance(runs["auto"].model.out_head, OneDNNLinear)
+    aten, onednn = runs["aten"].losses(), runs["auto"].losses()
+    assert onednn == pytest.approx(aten, abs=1e-4) and len(set(aten)) == len(aten)
+    with pytest.raises(TrainError, match="linear_kernel must be auto, aten or onednn"):
+        TrainConfig(linear_kernel="mkl")
