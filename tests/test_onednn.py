@@ -140,3 +140,26 @@ def test_training_on_onednn_follows_the_f_linear_run(monkeypatch):
     assert onednn == pytest.approx(aten, abs=1e-4) and len(set(aten)) == len(aten)
     with pytest.raises(TrainError, match="linear_kernel must be auto, aten or onednn"):
         TrainConfig(linear_kernel="mkl")
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_exact", "relu", "silu"])
+def test_fused_activation_computes_the_unfused_layers(activation):
+    from modelkit.onednn import OneDNNLinearActivation
+
+    ff = {"type": "mlp", "activation": activation}
+    ref, fast = model(feedforward=ff), optimize_for_inference(model(feedforward=ff))
+    layers = fast.trf_blocks[0].ff.layers
+    assert isinstance(layers[0], OneDNNLinearActivation) and isinstance(layers[1], nn.Identity)
+    assert list(fast.state_dict()) == list(ref.state_dict())
+    idx = torch.randint(0, CFG["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(9))
+    with torch.inference_mode():
+        assert torch.allclose(fast(idx), ref(idx), atol=1e-5)
+    # with autograd recording, the fused layer is the Linear then the activation module
+    fast.train()
+    ref.train()
+    torch.manual_seed(3)
+    fast(idx).sum().backward()
+    torch.manual_seed(3)
+    ref(idx).sum().backward()
+    w_fast, w_ref = fast.trf_blocks[1].ff.layers[0].weight.grad, ref.trf_blocks[1].ff.layers[0].weight.grad
+    assert torch.allclose(w_fast, w_ref, atol=1e-5)
