@@ -10,7 +10,8 @@ with oneDNN; 1024 rows (a prefill) 307 ms vs 131-161 ms. On Intel CPUs both use 
 dict) whose forward calls ``torch.ops.mkldnn._linear_pointwise`` for CPU tensors of float32 or
 bfloat16 with matching dtypes; when autograd is recording, its backward computes both gradients
 with the same op (training a gpt2-small step, 4x256 tokens: 183 -> 289 tokens/s). Other devices,
-other or mixed dtypes and autocast run ``F.linear``. The numbers differ from MKL's only by
+other or mixed dtypes, autocast and code traced by ``torch.compile`` (Inductor chooses its own
+kernels; its lowering of this op rejects plain weights) run ``F.linear``. The numbers differ from MKL's only by
 summation order (float32: about 1e-6 relative).
 
 The op is a private PyTorch API (it backs Inductor's CPU fusions); :func:`onednn_linear_available`
@@ -83,8 +84,8 @@ class OneDNNLinear(nn.Linear):
         """Which path computes ``x``: ``"aten"`` (F.linear), ``"autograd"`` or ``"inference"`` (oneDNN)."""
         w, b = self.weight, self.bias
         if (x.device.type != "cpu" or x.dtype != w.dtype or x.dtype not in _DTYPES
-                or torch.is_autocast_enabled("cpu")):
-            return "aten"
+                or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling()):
+            return "aten"  # under torch.compile, Inductor picks its own matmul kernels
         if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
             return "autograd"
         return "inference"

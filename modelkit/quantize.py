@@ -10,7 +10,7 @@ are not quantised. Few rows (decoding: ``<= SMALL_BATCH`` rows) use PyTorch's in
 (``aten._weight_int8pack_mm``) with bf16 activations, the fast CPU path; more rows (prefill,
 scoring), other devices, and ``in_features`` that are not a multiple of 16 (the kernel's block: it
 crashes or miscomputes otherwise, torch 2.13) dequantise the weight to the activations' dtype and run
-an ordinary matmul. An fp32 model therefore sees bf16-rounded activations in its decode matmuls only.
+an ordinary matmul (oneDNN's on the CPU in inference, see :mod:`modelkit.onednn`). An fp32 model therefore sees bf16-rounded activations in its decode matmuls only.
 
 A quantised model is for inference: it has no float weights to train, and its state dict holds
 ``weight_int8`` and ``scale`` instead of ``weight``; save checkpoints from the float model.
@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .onednn import OneDNNLinearActivation, onednn_linear_available
 
 __all__ = ["SMALL_BATCH", "Int8Linear", "quantize_int8_", "quantize_weight_int8"]
 
@@ -84,7 +86,11 @@ class Int8Linear(nn.Module):
             y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias.to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantized_weight(x.dtype), bias)
+        weight = self.dequantized_weight(x.dtype)
+        if (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling() and onednn_linear_available()):
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")  # see modelkit.onednn
+        return F.linear(x, weight, bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -97,6 +103,10 @@ def quantize_int8_(model: nn.Module) -> nn.Module:
     the embedding keeps its float weight. The model is put in eval mode (quantised weights are for
     inference). Module names are unchanged, so ``model.trf_blocks[0].att.W_query`` still exists.
     """
+    if any(isinstance(m, OneDNNLinearActivation) for m in model.modules()):
+        raise ValueError("this model's Linear layers are fused with their activations (optimize_for_inference "
+                         "without quantize); quantise the float model instead: "
+                         "optimize_for_inference(model, quantize='int8')")
     model.eval()
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):

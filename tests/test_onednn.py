@@ -163,3 +163,27 @@ def test_fused_activation_computes_the_unfused_layers(activation):
     ref(idx).sum().backward()
     w_fast, w_ref = fast.trf_blocks[1].ff.layers[0].weight.grad, ref.trf_blocks[1].ff.layers[0].weight.grad
     assert torch.allclose(w_fast, w_ref, atol=1e-5)
+
+
+def test_quantizing_a_fused_model_is_refused_rather_than_dropping_activations():
+    from modelkit.quantize import quantize_int8_
+
+    with pytest.raises(ValueError, match="fused with their activations"):
+        quantize_int8_(optimize_for_inference(model()))
+    quantized = optimize_for_inference(model(), quantize="int8")  # the supported order
+    assert not any(isinstance(m, OneDNNLinear) for m in quantized.modules())
+
+
+def test_optimized_model_compiles_with_inductor_and_keeps_its_tokens():
+    # Inductor's lowering of the oneDNN op rejects plain weights, so traced code takes F.linear;
+    # this ran into a LoweringException before (found by benchmarks/peers.py).
+    torch._dynamo.reset()
+    ref = model()
+    compiled = optimize_for_inference(model(), compile=True)
+    idx = torch.randint(0, CFG["vocab_size"], (1, 5), generator=torch.Generator().manual_seed(10))
+    try:
+        with torch.inference_mode():
+            assert torch.allclose(compiled(idx), ref(idx), atol=1e-5)
+        assert torch.equal(generate(compiled, idx, 8), generate(ref, idx, 8))
+    finally:
+        torch._dynamo.reset()
