@@ -15,6 +15,9 @@ differences, as in Hoffmann et al. 2022 (Chinchilla, appendix F): the output hea
 dominates small models) and both attention matmuls are counted. Not counted: embeddings lookups,
 biases, norms, activations, softmax. No causal discount (every token is charged the full context).
 A training step costs about 3 F per token (forward + backward).
+
+Speed (forward and KV-cache decode tokens/s) is timed after :func:`~modelkit.speed.optimize_for_inference`,
+the way ``modelkit generate`` runs a model; gradient norms are taken on the model as built, before.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from .builder import build_model
 from .components.base import FeedForward
 from .introspect import count_parameters
 from .spec import ModelSpec, load_spec
+from .speed import optimize_for_inference
 
 
 class CompareError(ValueError):
@@ -294,14 +298,16 @@ def compare(specs: Sequence[ModelSpec | Mapping[str, Any] | str], options: Compa
         if options.speed or options.grad_norms:
             torch.manual_seed(options.seed)
             model = build_model(spec).to(device)
+            if options.grad_norms:
+                inputs, targets = grad_norm_batch(spec, options.grad_batch, seq_len, options.seed, options.train_text)
+                report.grad_norms = ffn_grad_norms(model, inputs.to(device), targets.to(device))
             if options.speed:
+                # timed the way `modelkit generate` runs a model (oneDNN Linear layers, decode layout)
+                optimize_for_inference(model)
                 report.forward_tokens_per_s = measure_forward(model, seq_len, options.batch_size, options.repeats,
                                                               options.warmup, options.seed)
                 report.decode_tokens_per_s = measure_decode(model, options.prompt_len, options.decode_tokens,
                                                             options.repeats, options.warmup, options.seed)
-            if options.grad_norms:
-                inputs, targets = grad_norm_batch(spec, options.grad_batch, seq_len, options.seed, options.train_text)
-                report.grad_norms = ffn_grad_norms(model, inputs.to(device), targets.to(device))
             del model
         if options.train_steps:
             if options.train_text is None:
