@@ -3,8 +3,9 @@
 PyTorch computes a float32 ``nn.Linear`` on the CPU with MKL's sgemm. MKL does not use its AVX-512
 code on AMD processors, while oneDNN (also inside every CPU build of PyTorch) JIT-compiles for the
 machine it runs on. Measured on a 2-core AMD EPYC (AVX-512), torch 2.13, twelve 3072x768 fp32
-weights: 1 row (a decode step) 6.6 ms with MKL (row-major weights) or 4.7 ms (column-major), 2.9 ms
-with oneDNN; 1024 rows (a prefill) 307 ms vs 131-161 ms. On Intel CPUs both use AVX-512.
+weights (``python benchmarks/linear_kernels.py``): 1 row (a decode step) 6.9 ms with MKL (row-major
+weights) or 5.4 ms (column-major), 3.1 ms with oneDNN; 1024 rows (a prefill) 306 ms vs 134-157 ms.
+On Intel CPUs both use AVX-512.
 
 :class:`OneDNNLinear` is an ``nn.Linear`` (same parameters, names, ``isinstance`` checks, state
 dict) whose forward calls ``torch.ops.mkldnn._linear_pointwise`` for CPU tensors of float32 or
