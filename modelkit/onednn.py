@@ -81,10 +81,9 @@ class _LinearFunction(torch.autograd.Function):
 class OneDNNLinear(nn.Linear):
     """``nn.Linear`` computed by oneDNN on the CPU (see the module docstring)."""
 
-    def _kernel(self, x: Tensor) -> str:
+    def _kernel(self, x: Tensor, w: Tensor, b: Tensor | None) -> str:
         """Which path computes ``x``: ``"aten"`` (F.linear), ``"autograd"`` or ``"inference"`` (oneDNN)."""
-        w, b = self.weight, self.bias
-        if (x.device.type != "cpu" or x.dtype != w.dtype or x.dtype not in _DTYPES
+        if (not x.is_cpu or x.dtype != w.dtype or x.dtype not in _DTYPES
                 or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling()):
             return "aten"  # under torch.compile, Inductor picks its own matmul kernels
         if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
@@ -92,12 +91,13 @@ class OneDNNLinear(nn.Linear):
         return "inference"
 
     def forward(self, x: Tensor) -> Tensor:
-        kernel = self._kernel(x)
+        w, b = self.weight, self.bias  # each attribute read goes through nn.Module.__getattr__: once
+        kernel = self._kernel(x, w, b)
         if kernel == "inference":
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+            return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
         if kernel == "autograd":
-            return _LinearFunction.apply(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
+            return _LinearFunction.apply(x, w, b)
+        return F.linear(x, w, b)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> OneDNNLinear:
@@ -148,9 +148,10 @@ class OneDNNLinearActivation(OneDNNLinear):
     post_op: tuple[str, str]  # oneDNN's (eltwise name, algorithm)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self._kernel(x) == "inference":
+        w, b = self.weight, self.bias
+        if self._kernel(x, w, b) == "inference":
             name, algorithm = self.post_op
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, name, [], algorithm)
+            return torch.ops.mkldnn._linear_pointwise(x, w, b, name, [], algorithm)
         return self.activation(super().forward(x))
 
     def extra_repr(self) -> str:
