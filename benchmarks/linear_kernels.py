@@ -31,6 +31,15 @@ def median_ms(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times) * 1e3
 
 
+def one_pass(kernel: str, x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor]) -> None:
+    """Every weight once, ``x @ wᵀ + b``, through ``kernel`` ("F.linear" or "oneDNN")."""
+    for w, b in zip(weights, biases):
+        if kernel == "oneDNN":
+            torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+        else:
+            F.linear(x, w, b)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=12)
@@ -40,7 +49,6 @@ def main() -> None:
     args = parser.parse_args()
     if not onednn_linear_available():
         raise SystemExit("this PyTorch build has no oneDNN linear op")
-    op = torch.ops.mkldnn._linear_pointwise
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}; {args.layers} weights of {args.out_features}x{args.in_features}")
     gen = torch.Generator().manual_seed(0)
@@ -57,12 +65,8 @@ def main() -> None:
                 x = torch.randn(n, args.in_features, generator=gen).to(dtype)
                 cells = []
                 for kernel in ("F.linear", "oneDNN"):
-                    for layout, weights in layouts.items():
-                        if kernel == "oneDNN":
-                            fn = lambda ws=weights: [op(x, w, b, "none", [], "") for w, b in zip(ws, biases)]  # noqa: E731
-                        else:
-                            fn = lambda ws=weights: [F.linear(x, w, b) for w, b in zip(ws, biases)]  # noqa: E731
-                        ms = median_ms(fn, args.repeats)
+                    for weights in layouts.values():
+                        ms = median_ms(lambda ws=weights, x=x, k=kernel, bs=biases: one_pass(k, x, ws, bs), args.repeats)
                         cells.append(f"{ms:8.2f}" + (f" ({nbytes / ms / 1e6:4.1f})" if n == 1 else " " * 7))
                 print(f"{n:>6} | " + " | ".join(f"{c:>17}" for c in cells), flush=True)
 

@@ -22,6 +22,7 @@ checks that it exists and computes a linear layer correctly before anything uses
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import Any
 
 import torch
@@ -167,7 +168,7 @@ def fuse_linear_activations_(model: nn.Module) -> int:
     fused = 0
     for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
         names = list(seq._modules)
-        for first, second in zip(names, names[1:]):
+        for first, second in itertools.pairwise(names):
             linear, activation = seq._modules[first], seq._modules[second]
             post_op = _post_op(activation) if activation is not None else None
             if type(linear) is OneDNNLinear and post_op is not None:

@@ -13,7 +13,11 @@ from typing import Literal, TypeVar
 import torch
 from torch import nn
 
-from .onednn import fuse_linear_activations_, onednn_linear_available, use_onednn_linear_
+from .onednn import (
+    fuse_linear_activations_,
+    onednn_linear_available,
+    use_onednn_linear_,
+)
 
 __all__ = ["DTYPES", "KERNELS", "LAYOUTS", "QUANTIZE", "optimize_for_inference", "parse_dtype", "set_weight_layout_"]
 
