@@ -42,7 +42,7 @@ def uses_onednn(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("shape", [(1, 48), (3, 5, 48), (2, 1, 48)])
+@pytest.mark.parametrize("shape", [(1, 48), (3, 5, 48), (2, 1, 48), (48,), (0, 48), (2, 3, 2, 48)])
 def test_onednn_linear_matches_a_float64_matmul(shape, bias, monkeypatch):
     calls = uses_onednn(monkeypatch)
     torch.manual_seed(2)
