@@ -10,10 +10,10 @@ On Intel CPUs both use AVX-512.
 :class:`OneDNNLinear` is an ``nn.Linear`` (same parameters, names, ``isinstance`` checks, state
 dict) whose forward calls ``torch.ops.mkldnn._linear_pointwise`` for CPU tensors of float32 or
 bfloat16 with matching dtypes; when autograd is recording, its backward computes both gradients
-with the same op (training a gpt2-small step, 4x256 tokens: 183 -> 289 tokens/s). Other devices,
-other or mixed dtypes, autocast and code traced by ``torch.compile`` (Inductor chooses its own
-kernels; its lowering of this op rejects plain weights) run ``F.linear``. The numbers differ from MKL's only by
-summation order (float32: about 1e-6 relative).
+with the same op (a gpt2-small training step, 4x256 tokens, in ``benchmarks/peers.py``: 173 -> 257
+tokens/s). Other devices, other or mixed dtypes, autocast and code traced by ``torch.compile``
+(Inductor chooses its own kernels; its lowering of this op rejects plain weights) run
+``F.linear``. The numbers differ from MKL's only by summation order (float32: ~1e-6 relative).
 
 The op is a private PyTorch API (it backs Inductor's CPU fusions); :func:`onednn_linear_available`
 checks that it exists and computes a linear layer correctly before anything uses it.
@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["OneDNNLinear", "OneDNNLinearActivation", "fuse_linear_activations_", "onednn_linear_available",
-           "use_onednn_linear_"]
+__all__ = ["OneDNNLinear", "OneDNNLinearActivation", "fuse_linear_activations_", "onednn_applies",
+           "onednn_linear_available", "use_onednn_linear_"]
 
 _DTYPES = (torch.float32, torch.bfloat16)
 
@@ -79,14 +79,21 @@ class _LinearFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
+def onednn_applies(x: Tensor, w: Tensor) -> bool:
+    """Whether the oneDNN op may compute ``x @ wᵀ``: CPU tensors of one dtype, float32 or bfloat16, no
+    autocast (it would change the dtype), not traced by ``torch.compile`` (Inductor picks its own
+    kernels). Availability (:func:`onednn_linear_available`) is the caller's to check."""
+    return (x.is_cpu and x.dtype == w.dtype and x.dtype in _DTYPES and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling())
+
+
 class OneDNNLinear(nn.Linear):
     """``nn.Linear`` computed by oneDNN on the CPU (see the module docstring)."""
 
     def _kernel(self, x: Tensor, w: Tensor, b: Tensor | None) -> str:
         """Which path computes ``x``: ``"aten"`` (F.linear), ``"autograd"`` or ``"inference"`` (oneDNN)."""
-        if (not x.is_cpu or x.dtype != w.dtype or x.dtype not in _DTYPES
-                or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling()):
-            return "aten"  # under torch.compile, Inductor picks its own matmul kernels
+        if not onednn_applies(x, w):
+            return "aten"
         if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
             return "autograd"
         return "inference"
@@ -163,8 +170,9 @@ def fuse_linear_activations_(model: nn.Module) -> int:
     """In every ``nn.Sequential`` of ``model``, fuse a :class:`OneDNNLinear` with the activation after
     it when oneDNN has that activation as a post-op (gelu, gelu_exact, relu, silu): the Linear's
     slot gets a :class:`OneDNNLinearActivation`, the activation's an ``nn.Identity`` (indices and
-    state-dict names unchanged). Returns how many pairs were fused. Measured, gpt2-small decoding:
-    14.25 -> 13.83 ms per token (the GELU is no longer a separate pass over 3072 values)."""
+    state-dict names unchanged). Returns how many pairs were fused. Measured (in-process A/B,
+    gpt2-small, 200 greedy tokens): 14.25 -> 13.83 ms per token, the GELU no longer being a
+    separate pass over 3072 values."""
     fused = 0
     for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
         names = list(seq._modules)

@@ -10,7 +10,8 @@ are not quantised. Few rows (decoding: ``<= SMALL_BATCH`` rows) use PyTorch's in
 (``aten._weight_int8pack_mm``) with bf16 activations, the fast CPU path; more rows (prefill,
 scoring), other devices, and ``in_features`` that are not a multiple of 16 (the kernel's block: it
 crashes or miscomputes otherwise, torch 2.13) dequantise the weight to the activations' dtype and run
-an ordinary matmul (oneDNN's on the CPU in inference, see :mod:`modelkit.onednn`). An fp32 model therefore sees bf16-rounded activations in its decode matmuls only.
+an ordinary matmul (oneDNN's on the CPU in inference, see :mod:`modelkit.onednn`). An fp32 model
+therefore sees bf16-rounded activations in its decode matmuls only.
 
 A quantised model is for inference: it has no float weights to train, and its state dict holds
 ``weight_int8`` and ``scale`` instead of ``weight``; save checkpoints from the float model.
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .onednn import OneDNNLinearActivation, onednn_linear_available
+from .onednn import OneDNNLinearActivation, onednn_applies, onednn_linear_available
 
 __all__ = ["SMALL_BATCH", "Int8Linear", "quantize_int8_", "quantize_weight_int8"]
 
@@ -87,8 +88,7 @@ class Int8Linear(nn.Module):
             return y if self.bias is None else y + self.bias.to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         weight = self.dequantized_weight(x.dtype)
-        if (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and not torch.is_grad_enabled()
-                and not torch.compiler.is_compiling() and onednn_linear_available()):
+        if not torch.is_grad_enabled() and onednn_applies(x, weight) and onednn_linear_available():
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")  # see modelkit.onednn
         return F.linear(x, weight, bias)
 

@@ -99,13 +99,12 @@ def optimize_for_inference(
       faster matmuls on CPUs with AVX-512 BF16/AMX; logits move by a few 1e-2).
     - ``quantize="int8"``: weight-only int8 Linear layers (:func:`modelkit.quantize.quantize_int8_`),
       applied after the cast; fewest bytes per decoded token.
-    - ``linear_kernel``: ``"onednn"`` computes Linear layers with oneDNN in inference
-      (:mod:`modelkit.onednn`; float32 decoding about 1.8x faster and prefill about 2x on an AMD
-      CPU, where MKL does not use AVX-512; the activation after a Linear in a feed-forward
-      ``nn.Sequential`` runs inside the same call; results differ by summation order only, ~1e-6
-      relative);
-      ``"aten"`` keeps ``F.linear``; ``"auto"`` is oneDNN when PyTorch has it and the weights are
-      float32 or bfloat16 on the CPU.
+    - ``linear_kernel``: ``"onednn"`` computes Linear layers with oneDNN (:mod:`modelkit.onednn`;
+      on an AMD CPU, where MKL does not use AVX-512, float32 decoding about 1.8x faster and prefill
+      about 2x) and runs the activation after a Linear in a feed-forward ``nn.Sequential`` inside
+      the same call; results differ by summation order only (~1e-6 relative). ``"aten"`` keeps
+      ``F.linear``; ``"auto"`` is oneDNN when PyTorch has it and the weights are float32 or
+      bfloat16 on the CPU.
     - ``weight_layout``: how Linear weights are stored (see :func:`set_weight_layout_`); ``"auto"``
       picks the faster layout for batch-1 decoding (CPU float32: ``"columns"``, 12-20% faster
       decoding with either kernel; otherwise ``"rows"``). Values are unchanged.
