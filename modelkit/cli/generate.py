@@ -45,10 +45,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--no-cache", action="store_true", help="recompute the whole window at every step")
     p.add_argument("--eos", action="store_true", help="stop at <|endoftext|> (not printed)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="weights and activations dtype (bfloat16: about 2x faster decoding on CPU; logits "
-                        "differ from float32 by a few 1e-2)")
+                   help="weights and activations dtype (bfloat16: half the weight memory and faster prefill; "
+                        "on the CPU decoding is no faster than float32 on oneDNN; logits differ by a few 1e-2)")
     p.add_argument("--quantize", choices=["none", "int8"], default="none",
-                   help="int8: weight-only int8 Linear layers (fewest bytes per token; see modelkit.quantize)")
+                   help="int8: weight-only int8 Linear layers (fewest bytes per token, fastest CPU decoding; "
+                        "see modelkit.quantize)")
     p.set_defaults(func=run)
 
 
