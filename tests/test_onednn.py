@@ -174,6 +174,7 @@ def test_quantizing_a_fused_model_is_refused_rather_than_dropping_activations():
     assert not any(isinstance(m, OneDNNLinear) for m in quantized.modules())
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # inside Inductor
 def test_optimized_model_compiles_with_inductor_and_keeps_its_tokens():
     # Inductor's lowering of the oneDNN op rejects plain weights, so traced code takes F.linear;
     # this ran into a LoweringException before (found by benchmarks/peers.py).
