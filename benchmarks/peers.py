@@ -274,16 +274,12 @@ def weight_read_pass(model: nn.Module, layout: str, kernel: str = "F.linear") ->
             weights.append(w.contiguous().clone() if layout == "rows" else w.t().contiguous().t())
             biases.append(m.bias)
     inputs = [torch.randn(1, w.shape[1], dtype=w.dtype) for w in weights]
-    if kernel == "oneDNN":
-        op = torch.ops.mkldnn._linear_pointwise
+    op = torch.ops.mkldnn._linear_pointwise
+    linear = (lambda x, w, b: op(x, w, b, "none", [], "")) if kernel == "oneDNN" else F.linear
 
-        def one_pass() -> None:
-            for x, w, b in zip(inputs, weights, biases):
-                op(x, w, b, "none", [], "")
-    else:
-        def one_pass() -> None:
-            for x, w, b in zip(inputs, weights, biases):
-                F.linear(x, w, b)
+    def one_pass() -> None:
+        for x, w, b in zip(inputs, weights, biases):
+            linear(x, w, b)
 
     return one_pass, sum(w.numel() * w.element_size() for w in weights)
 
@@ -357,6 +353,8 @@ def decode_fn(name: str, model: nn.Module, prompt: Tensor) -> Callable[[], Tenso
 
 
 def bench_decode(rep: Report, models: dict[str, nn.Module], reps: Reps) -> tuple[float, Tensor]:
+    from modelkit.onednn import onednn_linear_available
+
     rep.section(f"Decode (greedy, KV cache, {NEW_TOKENS} new tokens after a {PROMPT_LEN}-token prompt, batch 1)",
                 "Time for the whole generate call (prefill included); tokens/s = new tokens / time. modelkit "
                 "decodes with `modelkit.generate` after `optimize_for_inference(model)` (eval mode, oneDNN "
@@ -370,8 +368,6 @@ def bench_decode(rep: Report, models: dict[str, nn.Module], reps: Reps) -> tuple
                 "cached step, so that one line is fixed here.")
     prompt = torch.randint(0, 50257, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(7))
     fns: dict[str, Callable[[], Any]] = {name: decode_fn(name, model, prompt) for name, model in models.items()}
-    from modelkit.onednn import onednn_linear_available
-
     bounds = {}
     for kernel in BOUND_KERNELS if onednn_linear_available() else BOUND_KERNELS[:1]:
         for layout in ("rows", "columns"):
