@@ -11,9 +11,12 @@ On Intel CPUs both use AVX-512.
 dict) whose forward calls ``torch.ops.mkldnn._linear_pointwise`` for CPU tensors of float32 or
 bfloat16 with matching dtypes; when autograd is recording, its backward computes both gradients
 with the same op (a gpt2-small training step, 4x256 tokens, in ``benchmarks/peers.py``: 173 -> 257
-tokens/s). Other devices, other or mixed dtypes, autocast and code traced by ``torch.compile``
-(Inductor chooses its own kernels; its lowering of this op rejects plain weights) run
-``F.linear``. The numbers differ from MKL's only by summation order (float32: ~1e-6 relative).
+tokens/s). Other devices, other or mixed dtypes and autocast run ``F.linear``. Under
+``torch.compile`` inference calls go through ``torch.ops.modelkit.onednn_linear``, a custom op that
+Inductor keeps as an opaque call (its own lowering of the oneDNN op rejects plain weights, and its
+fp32 weight packing uses MKL), so a compiled model keeps the oneDNN matmuls and Inductor fuses
+everything around them; compiled training takes ``F.linear``. The numbers differ from MKL's only
+by summation order (float32: ~1e-6 relative).
 
 The op is a private PyTorch API (it backs Inductor's CPU fusions); :func:`onednn_linear_available`
 checks that it exists and computes a linear layer correctly before anything uses it.
@@ -29,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["OneDNNLinear", "OneDNNLinearActivation", "fuse_linear_activations_", "onednn_applies",
+__all__ = ["OneDNNLinear", "OneDNNLinearActivation", "fuse_linear_activations_", "onednn_applies", "onednn_linear",
            "onednn_linear_available", "use_onednn_linear_"]
 
 _DTYPES = (torch.float32, torch.bfloat16)
@@ -50,9 +53,41 @@ def onednn_linear_available() -> bool:
             checks = ((op(x, w, b, "none", [], ""), F.linear(x, w, b)),
                       (op(g, w.t(), None, "none", [], ""), g @ w),
                       (op(g.t(), x.t(), None, "none", [], ""), g.t() @ x))
-            return all(torch.allclose(out, ref, atol=1e-4, rtol=1e-5) for out, ref in checks)
+            if not all(torch.allclose(out, ref, atol=1e-4, rtol=1e-5) for out, ref in checks):
+                return False
     except (RuntimeError, TypeError):
         return False
+    _register_compiled_op()
+    return True
+
+
+def _register_compiled_op() -> None:
+    """Define ``torch.ops.modelkit.onednn_linear``: the oneDNN op as a custom op, which Inductor calls
+    as it is instead of lowering it (see the module docstring). Defined once, on first use, not on import."""
+    if not hasattr(torch.ops.modelkit, "onednn_linear"):
+
+        @torch.library.custom_op("modelkit::onednn_linear", mutates_args=(),
+                                 schema="(Tensor x, Tensor weight, Tensor? bias, str post_op, str algorithm) -> Tensor")
+        def _compiled_linear(x: Tensor, weight: Tensor, bias: Tensor | None, post_op: str, algorithm: str) -> Tensor:
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, post_op, [], algorithm)
+
+        @_compiled_linear.register_fake
+        def _(x: Tensor, weight: Tensor, bias: Tensor | None, post_op: str, algorithm: str) -> Tensor:
+            return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, post_op: str = "none",
+                  algorithm: str = "") -> Tensor:
+    """``post_op(x @ weightᵀ + bias)`` computed by oneDNN, without autograd (inference).
+
+    ``post_op`` is a oneDNN eltwise name (``"none"``, ``"gelu"`` with ``algorithm`` ``"tanh"`` or
+    ``"none"``, ``"relu"``, ``"swish"``). The caller checks :func:`onednn_applies` and
+    :func:`onednn_linear_available` first. Inside ``torch.compile`` it is the custom op
+    ``torch.ops.modelkit.onednn_linear``, which Inductor keeps as a call to the same kernel.
+    """
+    if torch.compiler.is_compiling():
+        return torch.ops.modelkit.onednn_linear(x, weight, bias, post_op, algorithm)
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, post_op, [], algorithm)
 
 
 class _LinearFunction(torch.autograd.Function):
@@ -81,28 +116,28 @@ class _LinearFunction(torch.autograd.Function):
 
 def onednn_applies(x: Tensor, w: Tensor) -> bool:
     """Whether the oneDNN op may compute ``x @ wᵀ``: CPU tensors of one dtype, float32 or bfloat16, no
-    autocast (it would change the dtype), not traced by ``torch.compile`` (Inductor picks its own
-    kernels). Availability (:func:`onednn_linear_available`) is the caller's to check."""
-    return (x.is_cpu and x.dtype == w.dtype and x.dtype in _DTYPES and not torch.is_autocast_enabled("cpu")
-            and not torch.compiler.is_compiling())
+    autocast (it would change the dtype). Availability (:func:`onednn_linear_available`) is the
+    caller's to check."""
+    return x.is_cpu and x.dtype == w.dtype and x.dtype in _DTYPES and not torch.is_autocast_enabled("cpu")
 
 
 class OneDNNLinear(nn.Linear):
     """``nn.Linear`` computed by oneDNN on the CPU (see the module docstring)."""
 
     def _kernel(self, x: Tensor, w: Tensor, b: Tensor | None) -> str:
-        """Which path computes ``x``: ``"aten"`` (F.linear), ``"autograd"`` or ``"inference"`` (oneDNN)."""
+        """Which path computes ``x``: ``"aten"`` (F.linear), ``"autograd"`` or ``"inference"`` (oneDNN).
+        Compiled training takes ``"aten"``: Inductor differentiates and fuses it itself."""
         if not onednn_applies(x, w):
             return "aten"
         if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
-            return "autograd"
+            return "aten" if torch.compiler.is_compiling() else "autograd"
         return "inference"
 
     def forward(self, x: Tensor) -> Tensor:
         w, b = self.weight, self.bias  # each attribute read goes through nn.Module.__getattr__: once
         kernel = self._kernel(x, w, b)
         if kernel == "inference":
-            return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+            return onednn_linear(x, w, b)
         if kernel == "autograd":
             return _LinearFunction.apply(x, w, b)
         return F.linear(x, w, b)
@@ -159,7 +194,7 @@ class OneDNNLinearActivation(OneDNNLinear):
         w, b = self.weight, self.bias
         if self._kernel(x, w, b) == "inference":
             name, algorithm = self.post_op
-            return torch.ops.mkldnn._linear_pointwise(x, w, b, name, [], algorithm)
+            return onednn_linear(x, w, b, name, algorithm)
         return self.activation(super().forward(x))
 
     def extra_repr(self) -> str:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .onednn import OneDNNLinearActivation, onednn_applies, onednn_linear_available
+from .onednn import OneDNNLinearActivation, onednn_applies, onednn_linear, onednn_linear_available
 
 __all__ = ["SMALL_BATCH", "Int8Linear", "quantize_int8_", "quantize_weight_int8"]
 
@@ -89,7 +89,7 @@ class Int8Linear(nn.Module):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         weight = self.dequantized_weight(x.dtype)
         if not torch.is_grad_enabled() and onednn_applies(x, weight) and onednn_linear_available():
-            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")  # see modelkit.onednn
+            return onednn_linear(x, weight, bias)
         return F.linear(x, weight, bias)
 
     def extra_repr(self) -> str:

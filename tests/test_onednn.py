@@ -175,16 +175,47 @@ def test_quantizing_a_fused_model_is_refused_rather_than_dropping_activations():
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # inside Inductor
-def test_optimized_model_compiles_with_inductor_and_keeps_its_tokens():
-    # Inductor's lowering of the oneDNN op rejects plain weights, so traced code takes F.linear;
-    # this ran into a LoweringException before (found by benchmarks/peers.py).
+def test_optimized_model_compiles_with_inductor_keeps_its_tokens_and_its_onednn_matmuls(monkeypatch):
+    # Inductor's own lowering of the oneDNN op rejects plain weights (a LoweringException, found by
+    # benchmarks/peers.py); the custom op modelkit::onednn_linear keeps the kernel in compiled code.
     torch._dynamo.reset()
     ref = model()
     compiled = optimize_for_inference(model(), compile=True)
+    n_linear = sum(isinstance(m, nn.Linear) for m in ref.modules())
     idx = torch.randint(0, CFG["vocab_size"], (1, 5), generator=torch.Generator().manual_seed(10))
     try:
         with torch.inference_mode():
             assert torch.allclose(compiled(idx), ref(idx), atol=1e-5)
+            with monkeypatch.context() as patch:  # counted at run time, inside the compiled graph
+                calls = uses_onednn(patch)
+                out = compiled(idx)
+            assert calls[0] == n_linear  # (unpatched again: Inductor's passes look the op up when compiling)
+            assert torch.allclose(out, ref(idx), atol=1e-5)
         assert torch.equal(generate(compiled, idx, 8), generate(ref, idx, 8))
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # inside Inductor
+def test_compiled_training_step_takes_inductors_kernels_and_matches_eager_gradients(monkeypatch):
+    torch._dynamo.reset()
+    ref, fast = model().train(), model().train()
+    use_onednn_linear_(fast)
+    compiled = torch.compile(fast)
+    idx = torch.randint(0, CFG["vocab_size"], (2, 6), generator=torch.Generator().manual_seed(11))
+    try:
+        torch.manual_seed(5)
+        ref(idx).square().mean().backward()
+        torch.manual_seed(5)
+        compiled(idx).square().mean().backward()  # compiles
+        for p in fast.parameters():
+            p.grad = None
+        with monkeypatch.context() as patch:
+            calls = uses_onednn(patch)
+            torch.manual_seed(5)
+            compiled(idx).square().mean().backward()
+        assert calls[0] == 0  # compiled autograd is Inductor's; the oneDNN backward is eager-only
+        for (name, p), q in zip(ref.named_parameters(), fast.parameters()):
+            assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-4), name
     finally:
         torch._dynamo.reset()
