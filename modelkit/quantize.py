@@ -23,7 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .onednn import OneDNNLinearActivation, onednn_applies, onednn_linear, onednn_linear_available
+from .onednn import (
+    OneDNNLinearActivation,
+    onednn_applies,
+    onednn_linear,
+    onednn_linear_available,
+)
 
 __all__ = ["SMALL_BATCH", "Int8Linear", "quantize_int8_", "quantize_weight_int8"]
 
