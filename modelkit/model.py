@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from .builder import SpecBlockParts, build_component
 from .cache import KVCache
-from .components.base import Block, LayerContext, Positional
+from .components.base import Block, Dropout, LayerContext, Positional
 from .spec import ModelSpec, load_spec
 
 
@@ -32,7 +32,7 @@ class GPTModel(nn.Module):
         self.spec = spec
         self.tok_emb = nn.Embedding(dims.vocab_size, dims.emb_dim)
         self.pos_emb: Positional = build_component("positional", spec.positional, dims)  # type: ignore[assignment]
-        self.drop_emb = nn.Dropout(dims.drop_rate)
+        self.drop_emb = Dropout(dims.drop_rate)
         parts = SpecBlockParts(spec, dims)
         self.trf_blocks = nn.ModuleList(build_component("block", spec.block, dims, parts) for _ in range(dims.n_layers))
         self.final_norm = build_component("norm", spec.norm, dims)

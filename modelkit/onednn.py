@@ -124,23 +124,27 @@ def onednn_applies(x: Tensor, w: Tensor) -> bool:
 class OneDNNLinear(nn.Linear):
     """``nn.Linear`` computed by oneDNN on the CPU (see the module docstring)."""
 
-    def _kernel(self, x: Tensor, w: Tensor, b: Tensor | None) -> str:
-        """Which path computes ``x``: ``"aten"`` (F.linear), ``"autograd"`` or ``"inference"`` (oneDNN).
-        Compiled training takes ``"aten"``: Inductor differentiates and fuses it itself."""
-        if not onednn_applies(x, w):
-            return "aten"
-        if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
-            return "aten" if torch.compiler.is_compiling() else "autograd"
-        return "inference"
+    #: oneDNN's eltwise post-op (name, algorithm) applied in the same call; none for a plain layer.
+    post_op: tuple[str, str] = ("none", "")
 
     def forward(self, x: Tensor) -> Tensor:
+        # The hot path of every decode step (73 calls per gpt2-small token), so the checks are
+        # written out here rather than in helpers: onednn_applies, then "is autograd recording?".
         w, b = self.weight, self.bias  # each attribute read goes through nn.Module.__getattr__: once
-        kernel = self._kernel(x, w, b)
-        if kernel == "inference":
-            return onednn_linear(x, w, b)
-        if kernel == "autograd":
-            return _LinearFunction.apply(x, w, b)
-        return F.linear(x, w, b)
+        if x.is_cpu and x.dtype == w.dtype and x.dtype in _DTYPES and not torch.is_autocast_enabled("cpu"):
+            if not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
+                                                 or (b is not None and b.requires_grad))):
+                name, algorithm = self.post_op
+                if torch.compiler.is_compiling():
+                    return torch.ops.modelkit.onednn_linear(x, w, b, name, algorithm)
+                return torch.ops.mkldnn._linear_pointwise(x, w, b, name, [], algorithm)
+            if not torch.compiler.is_compiling():  # compiled training: Inductor differentiates F.linear
+                return self._activate(_LinearFunction.apply(x, w, b))
+        return self._activate(F.linear(x, w, b))
+
+    def _activate(self, y: Tensor) -> Tensor:
+        """The post-op, for the paths that do not fuse it (none here)."""
+        return y
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> OneDNNLinear:
@@ -188,14 +192,9 @@ class OneDNNLinearActivation(OneDNNLinear):
     """
 
     activation: nn.Module
-    post_op: tuple[str, str]  # oneDNN's (eltwise name, algorithm)
 
-    def forward(self, x: Tensor) -> Tensor:
-        w, b = self.weight, self.bias
-        if self._kernel(x, w, b) == "inference":
-            name, algorithm = self.post_op
-            return onednn_linear(x, w, b, name, algorithm)
-        return self.activation(super().forward(x))
+    def _activate(self, y: Tensor) -> Tensor:
+        return self.activation(y)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, fused post-op={self.post_op[0]}"

@@ -208,3 +208,25 @@ def test_post_norm_and_parallel_blocks_follow_their_formulas():
 def test_component_spec_serialises_to_the_json_form():
     ref = ComponentSpec(type="mlp", params={"hidden_mult": 4, "activation": ComponentSpec(type="gelu")})
     assert ref.model_dump() == {"type": "mlp", "hidden_mult": 4, "activation": {"type": "gelu"}}
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_dropout_is_torchs_dropout_in_every_mode_and_draws_the_same_random_numbers(p):
+    from torch import nn
+
+    from modelkit.components.base import Dropout
+
+    x = torch.randn(4, 50)
+    ours, torchs = Dropout(p), nn.Dropout(p)
+    assert isinstance(ours, nn.Dropout) and repr(ours) == repr(torchs) and ours.state_dict() == {}
+    torch.manual_seed(7)
+    a = ours(x)
+    after_ours = torch.rand(1)
+    torch.manual_seed(7)
+    b = torchs(x)
+    after_torchs = torch.rand(1)
+    assert torch.equal(a, b) and torch.equal(after_ours, after_torchs)  # same mask, same RNG use
+    if p > 0:
+        assert (a == 0).any() and torch.allclose(a[a != 0], x[a != 0] / (1 - p))
+    ours.eval()
+    assert ours(x) is x  # eval: the input itself, as nn.Dropout returns it

@@ -9,7 +9,7 @@ from pydantic import AfterValidator, Field
 from torch import Tensor, nn
 
 from ..registry import register
-from .base import Attention, LayerContext, ModelDims, NoPositional, Positional
+from .base import Attention, Dropout, LayerContext, ModelDims, NoPositional, Positional
 from .kernels import attention_kernel_names, check_backend, get_attention_kernel
 
 BackendName = Annotated[
@@ -65,7 +65,7 @@ class MultiHeadAttention(Attention):
         self.W_key = nn.Linear(d, d, bias=dims.qkv_bias)
         self.W_value = nn.Linear(d, d, bias=dims.qkv_bias)
         self.out_proj = nn.Linear(d, d, bias=out_bias)
-        self.dropout = nn.Dropout(dims.drop_rate)
+        self.dropout = Dropout(dims.drop_rate)
         self.backend = backend
         self.kernel = get_attention_kernel(backend)
 

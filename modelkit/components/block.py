@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..registry import register
-from .base import Block, BlockParts, LayerContext, ModelDims
+from .base import Block, BlockParts, Dropout, LayerContext, ModelDims
 
 
 class _TwoNormBlock(Block):
@@ -19,7 +19,7 @@ class _TwoNormBlock(Block):
         self.ff = parts.feedforward()
         self.norm1 = parts.norm()
         self.norm2 = parts.norm()
-        self.drop_shortcut = nn.Dropout(dims.drop_rate)
+        self.drop_shortcut = Dropout(dims.drop_rate)
 
 
 @register("block", "pre_norm")
@@ -49,7 +49,7 @@ class ParallelBlock(Block):
         self.att = parts.attention()
         self.ff = parts.feedforward()
         self.norm1 = parts.norm()
-        self.drop_shortcut = nn.Dropout(dims.drop_rate)
+        self.drop_shortcut = Dropout(dims.drop_rate)
 
     def forward(self, x: Tensor, ctx: LayerContext | None = None) -> Tensor:
         h = self.norm1(x)
