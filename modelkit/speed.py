@@ -110,7 +110,9 @@ def optimize_for_inference(
       picks the faster layout for batch-1 decoding (CPU float32: ``"columns"``, 12-20% faster
       decoding with either kernel; otherwise ``"rows"``). Values are unchanged.
     - ``compile``: wrap in ``torch.compile`` (the returned module is the compiled wrapper; the first
-      calls compile, which takes a while).
+      calls compile, which takes a while: ~7-12 s for gpt2-small on 2 cores). oneDNN Linear layers
+      stay on oneDNN inside the compiled code and Inductor fuses the rest: it removes the Python
+      overhead of decoding (~5% faster) and leaves prefill as fast as eager.
     - ``threads``: ``torch.set_num_threads(threads)`` (process-wide).
 
     The weights' state-dict names are kept unless ``quantize`` is set (see :mod:`modelkit.quantize`).
