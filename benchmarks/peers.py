@@ -298,8 +298,8 @@ def weight_read_pass(model: nn.Module, layout: str, kernel: str = "F.linear",
 
 def handwritten_decode_fn(model: nn.Module, prompt: Tensor) -> Callable[[], Tensor]:
     """modelkit's optimised decode of a pre-norm GPT-2 written as one flat loop: the same parameters,
-    kernels (oneDNN matmuls with the fused activation, ``F.layer_norm``, modelkit's ``sdpa`` attention
-    kernel) and KV-cache layout, without modules, layer contexts, checks or sampling options. Not a
+    kernels (oneDNN matmuls with the fused activation and the stacked q/k/v matrix, ``F.layer_norm``,
+    modelkit's ``sdpa`` attention kernel) and KV-cache layout, without modules, layer contexts, checks or sampling options. Not a
     peer: the floor of eager PyTorch for modelkit's own computation, so the gap to it is what
     modelkit's abstractions cost. Greedy; returns ``prompt`` followed by NEW_TOKENS tokens."""
     from modelkit.components.kernels import sdpa_attention
@@ -313,7 +313,10 @@ def handwritten_decode_fn(model: nn.Module, prompt: Tensor) -> Callable[[], Tens
     for blk in model.trf_blocks:
         a, ff = blk.att, blk.ff.layers
         post_op, algorithm = getattr(ff[0], "post_op", ("none", ""))
-        layers.append((blk.norm1, a.W_query, a.W_key, a.W_value, a.out_proj, blk.norm2, ff[0], post_op, algorithm, ff[2]))
+        stacked = a.stacked_qkv  # q/k/v weights stored as one matrix (optimize_for_inference)
+        qkv = (stacked.weight, stacked.bias) if stacked is not None and stacked.weight is not None else None
+        layers.append((blk.norm1, qkv, a.W_query, a.W_key, a.W_value, a.out_proj, blk.norm2, ff[0], post_op,
+                       algorithm, ff[2]))
 
     def lin(x: Tensor, m: nn.Module, post: str = "none", alg: str = "") -> Tensor:
         return op(x, m.weight, m.bias, post, [], alg)
@@ -322,11 +325,15 @@ def handwritten_decode_fn(model: nn.Module, prompt: Tensor) -> Callable[[], Tens
         s = idx.shape[1]
         end = pos + s
         x = F.embedding(idx, tok_w) + pos_w[pos:end]
-        for (n1, wq, wk, wv, wo, n2, f1, post, alg, f2), (kc, vc) in zip(layers, cache):
+        for (n1, qkv, wq, wk, wv, wo, n2, f1, post, alg, f2), (kc, vc) in zip(layers, cache):
             y = F.layer_norm(x, (e,), n1.scale, n1.shift, n1.eps)
-            q = lin(y, wq).view(1, s, h, d).transpose(1, 2)
-            kc[:, :, pos:end] = lin(y, wk).view(1, s, h, d).transpose(1, 2)
-            vc[:, :, pos:end] = lin(y, wv).view(1, s, h, d).transpose(1, 2)
+            if qkv is not None:
+                q, k, v = op(y, qkv[0], qkv[1], "none", [], "").split(e, dim=-1)
+            else:
+                q, k, v = lin(y, wq), lin(y, wk), lin(y, wv)
+            q = q.view(1, s, h, d).transpose(1, 2)
+            kc[:, :, pos:end] = k.view(1, s, h, d).transpose(1, 2)
+            vc[:, :, pos:end] = v.view(1, s, h, d).transpose(1, 2)
             o = sdpa_attention(q, kc[:, :, :end], vc[:, :, :end])
             x = x + lin(o.transpose(1, 2).reshape(1, s, e), wo)
             y = F.layer_norm(x, (e,), n2.scale, n2.shift, n2.eps)
@@ -424,16 +431,16 @@ def bench_decode(rep: Report, models: dict[str, nn.Module], reps: Reps) -> tuple
     rep.section(f"Decode (greedy, KV cache, {NEW_TOKENS} new tokens after a {PROMPT_LEN}-token prompt, batch 1)",
                 "Time for the whole generate call (prefill included); tokens/s = new tokens / time. modelkit "
                 "decodes with `modelkit.generate` after `optimize_for_inference(model)` (eval mode, oneDNN "
-                "Linear kernels and their weight layout: what `modelkit generate` does); the row below it is "
+                "Linear kernels and their weight layout, each attention's q/k/v weights stacked into one "
+                "matrix: what `modelkit generate` does); the row below it is "
                 "the model as built. transformers: `generate(do_sample=False, min_new_tokens=200)`. "
                 "llms_from_scratch.kv_cache: the package's KV-cache GPT-2 and its greedy loop; its attention "
                 "slices the causal mask's columns instead of its rows (1.0.19), which fails on the first "
-                f"cached step, so that one line is fixed here. {COMPILED}: the optimised model wrapped in "
-                "`torch.compile` (Inductor; compiled during the warm-up round, not timed). "
-                f"{HANDWRITTEN}: not a peer but modelkit's "
-                "optimised decode written as one flat loop over the same parameters and kernels (oneDNN "
-                "matmuls, F.layer_norm, modelkit's sdpa kernel, the same KV-cache layout), without modules, "
-                "layer contexts or checks: the floor of eager PyTorch for this computation, so the gap to it "
+                f"cached step, so that one line is fixed here. {COMPILED}: `optimize_for_inference(model, "
+                "compile=True)` (Inductor; compiled during the warm-up round, not timed). "
+                f"{HANDWRITTEN}: not a peer but modelkit's optimised decode written as one flat loop over "
+                "the same parameters and kernels (oneDNN matmuls, the stacked q/k/v matrix, F.layer_norm, "
+                "modelkit's sdpa kernel, the same KV-cache layout), without modules, layer contexts or checks: the floor of eager PyTorch for this computation, so the gap to it "
                 "is what modelkit's abstractions cost. The weight-read bound runs every Linear weight once as "
                 f"a (1, in) @ W matmul, {NEW_TOKENS} times, interleaved with the decoders, through each kernel, "
                 "with the weights stored either way and per layer or with each attention's q/k/v weights "
@@ -442,7 +449,10 @@ def bench_decode(rep: Report, models: dict[str, nn.Module], reps: Reps) -> tuple
     prompt = torch.randint(0, 50257, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(7))
     fns: dict[str, Callable[[], Any]] = {name: decode_fn(name, model, prompt) for name, model in models.items()}
     torch._dynamo.reset()
-    fns[COMPILED] = decode_fn("modelkit", torch.compile(models["modelkit"]), prompt)
+    from modelkit.speed import optimize_for_inference
+
+    compiled = optimize_for_inference(copy.deepcopy(models["modelkit (as built)"]), compile=True)
+    fns[COMPILED] = decode_fn("modelkit", compiled, prompt)
     fns[HANDWRITTEN] = handwritten_decode_fn(models["modelkit"], prompt)
     arrangements = [(k, layout, False) for k in BOUND_KERNELS for layout in ("rows", "columns")]
     if not onednn_linear_available():
@@ -699,11 +709,12 @@ def bench_compile(rep: Report, mk: nn.Module, reps: Reps, long: Tensor, batch: T
     from modelkit.speed import optimize_for_inference
 
     rep.add("\n**torch.compile** (`optimize_for_inference(model, compile=True)`: the fp32 model of the first "
-            "row wrapped in `torch.compile`, default inductor backend; first call includes compilation; the "
-            "rest measured in rounds with the same model in eager mode)\n")
+            "row, optimised and wrapped in `torch.compile` (q/k/v not stacked, which compiled code cannot "
+            "check), default inductor backend; first call includes compilation; the rest measured in "
+            "rounds against the eager optimised model, q/k/v stacked)\n")
     torch._dynamo.reset()
+    compiled = optimize_for_inference(copy.deepcopy(mk), compile=True)
     mk = optimize_for_inference(copy.deepcopy(mk))
-    compiled = torch.compile(mk)
     rows = []
     workloads: list[tuple[str, Callable[[nn.Module], Any], int]] = [
         ("prefill 1x1024", lambda m: m(long), reps.prefill),

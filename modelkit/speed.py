@@ -102,8 +102,10 @@ def optimize_for_inference(
       applied after the cast; fewest bytes per decoded token.
     - ``linear_kernel``: ``"onednn"`` computes Linear layers with oneDNN (:mod:`modelkit.onednn`;
       on an AMD CPU, where MKL does not use AVX-512, float32 decoding about 1.8x faster and prefill
-      about 2x) and runs the activation after a Linear in a feed-forward ``nn.Sequential`` inside
-      the same call; results differ by summation order only (~1e-6 relative). ``"aten"`` keeps
+      about 2x), runs the activation after a Linear in a feed-forward ``nn.Sequential`` inside
+      the same call, and stores the Linear layers a component reads with one input (attention's
+      q/k/v, via its ``stack_linears_`` method) as one matrix, read by one matmul (not with
+      ``compile``); results differ by summation order only (~1e-6 relative). ``"aten"`` keeps
       ``F.linear``; ``"auto"`` is oneDNN when PyTorch has it and the weights are float32 or
       bfloat16 on the CPU.
     - ``weight_layout``: how Linear weights are stored (see :func:`set_weight_layout_`); ``"auto"``
@@ -145,6 +147,11 @@ def optimize_for_inference(
         use_onednn_linear_(model)
         fuse_linear_activations_(model)
     set_weight_layout_(model, _auto_layout(model) if weight_layout == "auto" else weight_layout)
+    if not compile:  # compiled code cannot check a stacked matrix (see modelkit.onednn.StackedLinears)
+        for module in list(model.modules()):  # components that read several Linear layers with one input
+            stack = getattr(module, "stack_linears_", None)
+            if callable(stack):
+                stack()
     if compile:
         return torch.compile(model)  # type: ignore[return-value]  # an OptimizedModule wrapping model
     return model

@@ -219,3 +219,93 @@ def test_compiled_training_step_takes_inductors_kernels_and_matches_eager_gradie
             assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-4), name
     finally:
         torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------------------------------------
+# q/k/v stacked into one matrix (StackedLinears)
+
+
+def test_optimized_attention_reads_q_k_v_in_one_matmul_with_unchanged_parameters(monkeypatch):
+    ref = model()
+    fast = model()
+    ids_before = {name: id(p) for name, p in fast.named_parameters()}
+    optimize_for_inference(fast)
+    assert all(blk.att.stacked_qkv is not None for blk in fast.trf_blocks)
+    assert {name: id(p) for name, p in fast.named_parameters()} == ids_before  # the same Parameter objects
+    for (name, a), b in zip(ref.state_dict().items(), fast.state_dict().values()):
+        assert torch.equal(a, b), name  # names and values unchanged
+    idx = torch.randint(0, CFG["vocab_size"], (2, 7), generator=torch.Generator().manual_seed(12))
+    n_linear = sum(isinstance(m, nn.Linear) for m in ref.modules())
+    with torch.inference_mode():
+        calls = uses_onednn(monkeypatch)
+        out = fast(idx)
+    assert calls[0] == n_linear - 2 * CFG["n_layers"]  # one call instead of three per attention
+    with torch.inference_mode():
+        assert torch.allclose(out, ref(idx), atol=1e-5)
+        assert torch.equal(generate(fast, idx[:1], 8), generate(ref, idx[:1], 8))
+
+
+def test_stacked_q_k_v_fall_back_to_three_layers_when_observed_trained_or_moved(monkeypatch):
+    ref, fast = model(), optimize_for_inference(model())
+    att = fast.trf_blocks[0].att
+    idx = torch.randint(0, CFG["vocab_size"], (1, 6), generator=torch.Generator().manual_seed(13))
+    seen = []
+    handle = att.W_key.register_forward_hook(lambda mod, inp, out: seen.append(out.shape))
+    with torch.inference_mode():
+        assert torch.allclose(fast(idx), ref(idx), atol=1e-5)
+    handle.remove()
+    assert seen == [(1, 6, CFG["emb_dim"])]  # the hook saw its layer run
+    # Training after optimising: autograd takes the three layers; gradients as the reference's.
+    fast.train(), ref.train()
+    fast(idx).square().mean().backward()
+    ref(idx).square().mean().backward()
+    assert torch.allclose(att.W_value.weight.grad, ref.trf_blocks[0].att.W_value.weight.grad, atol=1e-6)
+    fast.eval(), ref.eval()
+    # Loading new weights in place updates the stacked matrix too.
+    torch.manual_seed(99)
+    other = build_model(CFG).eval()
+    fast.load_state_dict(other.state_dict())
+    with torch.inference_mode():
+        assert torch.allclose(fast(idx), other(idx), atol=1e-5)
+    # .to() moves the parameters out of the matrix: the group lets it go and the layers compute alone.
+    fast.to(torch.float64)
+    with torch.inference_mode():
+        assert torch.allclose(fast(idx), other.double()(idx), atol=1e-10)
+    assert att.stacked_qkv is not None and att.stacked_qkv.weight is None
+
+
+def test_a_block_of_a_wider_matrix_is_computed_by_f_linear_not_onednns_slow_copy(monkeypatch):
+    torch.manual_seed(4)
+    wide = torch.randn(40, 96).t()  # column-major (96, 40); rows 0..31 are a block with strides (1, 96)
+    layer = OneDNNLinear.from_linear(nn.Linear(40, 32))
+    layer.weight.data = wide[:32]
+    x = torch.randn(3, 40)
+    with torch.inference_mode():
+        calls = uses_onednn(monkeypatch)
+        out = layer(x)
+    assert calls[0] == 0
+    assert torch.allclose(out.double(), x.double() @ wide[:32].double().T + layer.bias.double(), atol=1e-5)
+
+
+def test_stacking_refuses_layers_that_cannot_share_one_matrix():
+    from modelkit.onednn import StackedLinears
+
+    def lin(n_in: int, n_out: int, bias: bool = True) -> OneDNNLinear:
+        return OneDNNLinear.from_linear(nn.Linear(n_in, n_out, bias=bias))
+
+    with pytest.raises(ValueError, match="in_features"):
+        StackedLinears([lin(8, 4), lin(6, 4)])
+    with pytest.raises(ValueError, match="biases"):
+        StackedLinears([lin(8, 4), lin(8, 4, bias=False)])
+    with pytest.raises(ValueError, match="OneDNNLinear"):
+        StackedLinears([nn.Linear(8, 4), lin(8, 4)])  # type: ignore[list-item]
+
+
+def test_checkpoint_of_an_optimized_model_round_trips(tmp_path):
+    from modelkit import load_checkpoint, save_checkpoint
+
+    fast = optimize_for_inference(model())
+    save_checkpoint(fast, tmp_path / "m.safetensors")
+    back = load_checkpoint(tmp_path / "m.safetensors").eval()
+    for (name, a), b in zip(fast.state_dict().items(), back.state_dict().values()):
+        assert torch.equal(a, b), name

@@ -8,6 +8,7 @@ import torch
 from pydantic import AfterValidator, Field
 from torch import Tensor, nn
 
+from ..onednn import OneDNNLinear, StackedLinears
 from ..registry import register
 from .base import Attention, Dropout, LayerContext, ModelDims, NoPositional, Positional
 from .kernels import attention_kernel_names, check_backend, get_attention_kernel
@@ -69,14 +70,27 @@ class MultiHeadAttention(Attention):
         self.backend = backend
         self.kernel = get_attention_kernel(backend)
 
+    #: q/k/v weights stored as one matrix by :meth:`stack_linears_` (None: three matmuls).
+    stacked_qkv: StackedLinears | None = None
+
     def residual_projections(self) -> list[nn.Linear]:
         return [self.out_proj]
 
+    def stack_linears_(self) -> None:
+        """Store W_query/W_key/W_value as one matrix, read by one matmul in inference
+        (:class:`~modelkit.onednn.StackedLinears`); called by ``optimize_for_inference``."""
+        layers = [self.W_query, self.W_key, self.W_value]
+        if all(type(m) is OneDNNLinear for m in layers):
+            self.stacked_qkv = StackedLinears(layers)  # type: ignore[arg-type]
+
     def forward(self, x: Tensor, ctx: LayerContext | None = None) -> Tensor:
         b, s, _ = x.shape
-        q = self.W_query(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.W_key(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
-        v = self.W_value(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+        layers = (self.W_query, self.W_key, self.W_value)
+        stacked = self.stacked_qkv(x, layers) if self.stacked_qkv is not None else None
+        q, k, v = stacked if stacked is not None else (m(x) for m in layers)
+        q = q.view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
         dropout_p = self.dropout.p if self.training else 0.0
         out = attend(q, k, v, ctx, self.kernel, dropout_p)
         return self.out_proj(out.transpose(1, 2).reshape(b, s, self.d_out))

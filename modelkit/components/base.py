@@ -32,6 +32,11 @@ The KV cache: the model creates one :class:`~modelkit.cache.LayerKVCache` per bl
 down in ``ctx.cache``; only attention touches it (keys already rotated, with however many key/value
 heads it has). Other kinds take part simply by being position-wise.
 
+Optional speed hook: a component whose forward applies several Linear layers to one input (as
+attention's q/k/v) may define ``stack_linears_()``, which ``optimize_for_inference`` calls after the
+Linear layers are on oneDNN; it stores them as one :class:`~modelkit.onednn.StackedLinears` and
+calls that with the layers in forward (see ``MultiHeadAttention``).
+
 Rules every component follows (checked by :func:`modelkit.testing.check_component`): causal,
 deterministic in eval mode, all state it needs in its state dict (a fresh instance that loads it
 computes the same), constructible on the meta device (tensors needed at run time are parameters,
