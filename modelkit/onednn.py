@@ -24,6 +24,7 @@ checks that it exists and computes a linear layer correctly before anything uses
 
 from __future__ import annotations
 
+import copy
 import functools
 import itertools
 from typing import Any
@@ -269,19 +270,34 @@ class StackedLinears:
         self.layers = list(layers)
         self.weight: Tensor | None = weight
         self.bias = bias
-        self._pointers = [(m.weight.data_ptr(), m.bias.data_ptr() if m.bias is not None else None) for m in layers]
+        self._offsets = self._offsets_of(layers)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> StackedLinears:
+        # Parameter.__deepcopy__ clones each parameter on its own, so the copies are no longer blocks
+        # of one matrix: stack the copied layers again (a released group stays released).
+        layers = [copy.deepcopy(m, memo) for m in self.layers]
+        if self.weight is None:
+            new = copy.copy(self)
+            new.layers = layers
+            return new
+        return StackedLinears(layers)
+
+    def _offsets_of(self, layers: tuple[nn.Module, ...] | list[nn.Linear]) -> list[tuple[int, int]]:
+        """Where each layer's weight and bias start, in bytes from the stacked matrix and bias."""
+        assert self.weight is not None
+        w0, b0 = self.weight.data_ptr(), self.bias.data_ptr() if self.bias is not None else 0
+        return [(m.weight.data_ptr() - w0, m.bias.data_ptr() - b0 if m.bias is not None else 0) for m in layers]
 
     def __call__(self, x: Tensor, layers: tuple[nn.Module, ...]) -> list[Tensor] | None:
         """``[layer(x) for layer in layers]`` from one matmul, or None: the caller calls the layers."""
         w = self.weight
         if w is None or torch.compiler.is_compiling():  # compiled code cannot check the pointers below
             return None
-        for m, mine, ptrs in zip(layers, self.layers, self._pointers):
-            if m is not mine or (m.weight.data_ptr(), m.bias.data_ptr() if m.bias is not None else None) != ptrs:
-                self.weight = self.bias = None  # replaced, or moved out of the matrix (.to()): release it
-                return None
-            if type(m) is not OneDNNLinear or m._forward_hooks or m._forward_pre_hooks:
-                return None
+        if any(m is not mine for m, mine in zip(layers, self.layers)) or self._offsets_of(layers) != self._offsets:
+            self.weight = self.bias = None  # replaced, or moved out of the matrix (.to()): release it
+            return None
+        if any(type(m) is not OneDNNLinear or m._forward_hooks or m._forward_pre_hooks for m in layers):
+            return None
         if (torch.is_grad_enabled() or not onednn_applies(x, w)
                 or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks):
             return None

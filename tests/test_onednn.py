@@ -6,6 +6,8 @@ measured by ``benchmarks/peers.py``, not here.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -243,6 +245,12 @@ def test_optimized_attention_reads_q_k_v_in_one_matmul_with_unchanged_parameters
     with torch.inference_mode():
         assert torch.allclose(out, ref(idx), atol=1e-5)
         assert torch.equal(generate(fast, idx[:1], 8), generate(ref, idx[:1], 8))
+    copied = copy.deepcopy(fast)  # a copy keeps its parameters inside its own stacked matrix
+    with torch.inference_mode():
+        calls[0] = 0
+        assert torch.allclose(copied(idx), out, atol=1e-6)
+    assert calls[0] == n_linear - 2 * CFG["n_layers"]
+    assert copied.trf_blocks[0].att.W_query.weight.data_ptr() != fast.trf_blocks[0].att.W_query.weight.data_ptr()
 
 
 def test_stacked_q_k_v_fall_back_to_three_layers_when_observed_trained_or_moved(monkeypatch):
