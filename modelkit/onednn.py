@@ -238,8 +238,8 @@ class StackedLinears:
     compile=True)`` does not stack). Otherwise it returns None and the caller calls the layers one
     by one (a block of the stacked matrix is then computed by ``F.linear``). ``.to()``,
     :func:`~modelkit.speed.set_weight_layout_` or a re-assigned weight move a parameter out of the
-    matrix; the group then lets the matrix go for good. Measured: gpt2-small's weights are read 4-9%
-    faster with each attention's q/k/v stacked (``benchmarks/peers.py``, weight-read bound, five
+    matrix; the group then lets the matrix go for good. Measured: gpt2-small's weights are read 3-9%
+    faster with each attention's q/k/v stacked (``benchmarks/peers.py``, weight-read bound, six
     runs), and decoding is ~0.5-0.8 ms per token faster (in-process A/B, ~17 ms per token).
     """
 

@@ -65,7 +65,6 @@ def plot_loss_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str 
     return _save(plt, fig, path)
 
 
-
 def _save(plt: Any, fig: Any, path: str | os.PathLike[str]) -> Path:
     """Lay out ``fig``, write it as a PNG at ``path`` (creating folders), close it; return the path."""
     fig.tight_layout()

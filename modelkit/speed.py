@@ -147,11 +147,10 @@ def optimize_for_inference(
         use_onednn_linear_(model)
         fuse_linear_activations_(model)
     set_weight_layout_(model, _auto_layout(model) if weight_layout == "auto" else weight_layout)
-    if not compile:  # compiled code cannot check a stacked matrix (see modelkit.onednn.StackedLinears)
-        for module in list(model.modules()):  # components that read several Linear layers with one input
-            stack = getattr(module, "stack_linears_", None)
-            if callable(stack):
-                stack()
-    if compile:
+    if compile:  # not stacked: compiled code cannot check a stacked matrix (modelkit.onednn.StackedLinears)
         return torch.compile(model)  # type: ignore[return-value]  # an OptimizedModule wrapping model
+    for module in list(model.modules()):  # components that read several Linear layers with one input
+        stack = getattr(module, "stack_linears_", None)
+        if callable(stack):
+            stack()
     return model

@@ -54,6 +54,7 @@ from .data import (
     split_token_ids,
 )
 from .spec import ModelSpec, load_spec
+from .speed import KERNELS
 
 if TYPE_CHECKING:
     from .model import GPTModel
@@ -126,7 +127,7 @@ class TrainConfig:
             problems.append(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             problems.append(f"grad_clip must be positive, got {self.grad_clip}")
-        if self.linear_kernel not in ("auto", "aten", "onednn"):
+        if self.linear_kernel not in KERNELS:
             problems.append(f"linear_kernel must be auto, aten or onednn, got {self.linear_kernel!r}")
         if problems:
             raise TrainError("invalid training config: " + "; ".join(problems))
