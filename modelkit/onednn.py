@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["OneDNNLinear", "OneDNNLinearActivation", "StackedLinears", "fuse_linear_activations_", "onednn_applies",
-           "onednn_linear", "onednn_linear_available", "use_onednn_linear_"]
+__all__ = ["OneDNNLinear", "OneDNNLinearActivation", "StackedLinears", "apply_linears", "fuse_linear_activations_",
+           "onednn_applies", "onednn_linear", "onednn_linear_available", "stack_linears", "use_onednn_linear_"]
 
 _DTYPES = (torch.float32, torch.bfloat16)
 
@@ -302,3 +302,22 @@ class StackedLinears:
                 or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks):
             return None
         return list(onednn_linear(x, w, self.bias).split(self.sizes, dim=-1))
+
+
+def stack_linears(layers: list[nn.Module]) -> StackedLinears | None:
+    """A :class:`StackedLinears` of ``layers`` when every one is a plain :class:`OneDNNLinear` (what
+    ``optimize_for_inference`` leaves), else None. For a component's ``stack_linears_()``::
+
+        def stack_linears_(self) -> None:
+            self.stacked_qkv = stack_linears([self.W_query, self.W_key, self.W_value])
+    """
+    if layers and all(type(m) is OneDNNLinear for m in layers):
+        return StackedLinears(layers)  # type: ignore[arg-type]
+    return None
+
+
+def apply_linears(stacked: StackedLinears | None, x: Tensor, layers: tuple[nn.Module, ...]) -> list[Tensor]:
+    """``[layer(x) for layer in layers]``, from one matmul when ``stacked`` (from :func:`stack_linears`,
+    or None) can vouch for it, else by calling the layers (hooks, autograd and all)."""
+    out = stacked(x, layers) if stacked is not None else None
+    return out if out is not None else [m(x) for m in layers]

@@ -8,7 +8,7 @@ import torch
 from pydantic import AfterValidator, Field
 from torch import Tensor, nn
 
-from ..onednn import OneDNNLinear, StackedLinears
+from ..onednn import StackedLinears, apply_linears, stack_linears
 from ..registry import register
 from .base import Attention, Dropout, LayerContext, ModelDims, NoPositional, Positional
 from .kernels import attention_kernel_names, check_backend, get_attention_kernel
@@ -79,15 +79,11 @@ class MultiHeadAttention(Attention):
     def stack_linears_(self) -> None:
         """Store W_query/W_key/W_value as one matrix, read by one matmul in inference
         (:class:`~modelkit.onednn.StackedLinears`); called by ``optimize_for_inference``."""
-        layers = [self.W_query, self.W_key, self.W_value]
-        if all(type(m) is OneDNNLinear for m in layers):
-            self.stacked_qkv = StackedLinears(layers)  # type: ignore[arg-type]
+        self.stacked_qkv = stack_linears([self.W_query, self.W_key, self.W_value])
 
     def forward(self, x: Tensor, ctx: LayerContext | None = None) -> Tensor:
         b, s, _ = x.shape
-        layers = (self.W_query, self.W_key, self.W_value)
-        stacked = self.stacked_qkv(x, layers) if self.stacked_qkv is not None else None
-        q, k, v = stacked if stacked is not None else (m(x) for m in layers)
+        q, k, v = apply_linears(self.stacked_qkv, x, (self.W_query, self.W_key, self.W_value))
         q = q.view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, s, self.num_heads, self.head_dim).transpose(1, 2)

@@ -34,8 +34,9 @@ heads it has). Other kinds take part simply by being position-wise.
 
 Optional speed hook: a component whose forward applies several Linear layers to one input (as
 attention's q/k/v) may define ``stack_linears_()``, which ``optimize_for_inference`` calls after the
-Linear layers are on oneDNN; it stores them as one :class:`~modelkit.onednn.StackedLinears` and
-calls that with the layers in forward (see ``MultiHeadAttention``).
+Linear layers are on oneDNN; it stores them with :func:`~modelkit.onednn.stack_linears` and gets
+their outputs in forward from :func:`~modelkit.onednn.apply_linears` (see ``MultiHeadAttention``;
+the llama plugin's attention and SwiGLU do the same).
 
 Rules every component follows (checked by :func:`modelkit.testing.check_component`): causal,
 deterministic in eval mode, all state it needs in its state dict (a fresh instance that loads it

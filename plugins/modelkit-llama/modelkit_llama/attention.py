@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from modelkit.components.attention import BackendName, attend
 from modelkit.components.base import Attention, LayerContext, ModelDims
 from modelkit.components.kernels import get_attention_kernel
+from modelkit.onednn import StackedLinears, apply_linears, stack_linears
 
 
 class GroupedQueryAttention(Attention):
@@ -55,15 +56,24 @@ class GroupedQueryAttention(Attention):
             return [f"n_heads {dims.n_heads} is not divisible by num_kv_heads {kv}"]
         return ()
 
+    #: q/k/v weights stored as one matrix by :meth:`stack_linears_` (None: three matmuls).
+    stacked_qkv: StackedLinears | None = None
+
     def residual_projections(self) -> list[nn.Linear]:
         return [self.out_proj]
+
+    def stack_linears_(self) -> None:
+        """Store W_query/W_key/W_value as one matrix, read by one matmul in inference (modelkit's
+        optional speed hook, called by ``optimize_for_inference``)."""
+        self.stacked_qkv = stack_linears([self.W_query, self.W_key, self.W_value])
 
     def forward(self, x: Tensor, ctx: LayerContext | None = None) -> Tensor:
         """``x: (b, s, emb_dim)`` -> ``(b, s, emb_dim)``, causal; caches ``(b, num_kv_heads, s, d)``."""
         b, s, _ = x.shape
-        q = self.W_query(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.W_key(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.W_value(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = apply_linears(self.stacked_qkv, x, (self.W_query, self.W_key, self.W_value))
+        q = q.view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         dropout_p = self.dropout.p if self.training else 0.0
         out = attend(q, k, v, ctx, self.kernel, dropout_p)
         return self.out_proj(out.transpose(1, 2).reshape(b, s, self.d_out))

@@ -10,6 +10,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from modelkit.components.base import FeedForward, ModelDims
+from modelkit.onednn import StackedLinears, apply_linears, stack_linears
 
 
 def llama_hidden_dim(emb_dim: int, multiple_of: int) -> int:
@@ -40,9 +41,18 @@ class SwiGLU(FeedForward):
         self.up_proj = nn.Linear(dims.emb_dim, hidden, bias=bias)
         self.down_proj = nn.Linear(hidden, dims.emb_dim, bias=bias)
 
+    #: gate/up weights stored as one matrix by :meth:`stack_linears_` (None: two matmuls).
+    stacked_gate_up: StackedLinears | None = None
+
     def residual_projections(self) -> list[nn.Linear]:
         return [self.down_proj]
 
+    def stack_linears_(self) -> None:
+        """Store gate_proj/up_proj (same input) as one matrix, read by one matmul in inference
+        (modelkit's optional speed hook, called by ``optimize_for_inference``)."""
+        self.stacked_gate_up = stack_linears([self.gate_proj, self.up_proj])
+
     def forward(self, x: Tensor) -> Tensor:
         """``x: (b, s, emb_dim)`` -> ``(b, s, emb_dim)``."""
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = apply_linears(self.stacked_gate_up, x, (self.gate_proj, self.up_proj))
+        return self.down_proj(F.silu(gate) * up)

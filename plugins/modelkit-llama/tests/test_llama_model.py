@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -97,3 +98,31 @@ def test_cached_generation_equals_uncached(positional: str) -> None:
         uncached = generate(model, prompt, 40, use_cache=False, **kwargs)
         assert cached.shape == (2, 46)
         assert torch.equal(cached, uncached), kwargs
+
+
+def test_optimized_model_reads_q_k_v_and_gate_up_in_one_matmul_each(monkeypatch: pytest.MonkeyPatch) -> None:
+    from modelkit.onednn import StackedLinears, onednn_linear_available
+    from modelkit.speed import optimize_for_inference
+
+    if not onednn_linear_available():
+        pytest.skip("this PyTorch build has no oneDNN linear op")
+    torch.manual_seed(0)
+    ref = build_model(llama_style()).eval()
+    fast = optimize_for_inference(copy.deepcopy(ref))
+    assert all(blk.att.stacked_qkv is not None and blk.ff.stacked_gate_up is not None for blk in fast.trf_blocks)
+    for (name, a), b in zip(ref.state_dict().items(), fast.state_dict().values()):
+        assert torch.equal(a, b), name  # names and values unchanged
+    stacked_calls: list[bool] = []
+    call = StackedLinears.__call__
+
+    def counting(self: StackedLinears, x: torch.Tensor, layers: tuple[torch.nn.Module, ...]) -> Any:
+        out = call(self, x, layers)
+        stacked_calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(StackedLinears, "__call__", counting)
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(ids), ref(ids), rtol=1e-4, atol=1e-5)
+    assert stacked_calls == [True] * (2 * len(fast.trf_blocks))  # attention and feed-forward, every block
+    assert torch.equal(generate(fast, ids[:1], 12), generate(ref, ids[:1], 12))
