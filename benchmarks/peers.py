@@ -724,8 +724,8 @@ def bench_compile(rep: Report, mk: nn.Module, reps: Reps, long: Tensor, batch: T
     from modelkit.speed import optimize_for_inference
 
     rep.add("\n**torch.compile** (`optimize_for_inference(model, compile=True)`: the fp32 model of the first "
-            "row, optimised and wrapped in `torch.compile` (q/k/v not stacked, which compiled code cannot "
-            "check), default inductor backend; first call includes compilation; the rest measured in "
+            "row, optimised and wrapped in `torch.compile` (q/k/v stacked, the stacked matrices checked "
+            "before each call), default inductor backend; first call includes compilation; the rest measured in "
             "rounds against the eager optimised model, q/k/v stacked)\n")
     torch._dynamo.reset()
     compiled = optimize_for_inference(copy.deepcopy(mk), compile=True)

@@ -233,9 +233,10 @@ class StackedLinears:
     stays column-major), and points each ``Parameter`` at its block: parameter objects, names,
     values and the state dict are unchanged. Calling it with the layers returns their outputs from
     one oneDNN call when that is exact and safe: autograd off, the very same layers (same objects
-    and type, no hooks), their parameters still blocks of this matrix, the oneDNN op applicable, and
-    not inside ``torch.compile`` (which cannot trace the pointer checks; ``optimize_for_inference(...,
-    compile=True)`` does not stack). Otherwise it returns None and the caller calls the layers one
+    and type, no hooks), their parameters still blocks of this matrix and the oneDNN op applicable.
+    Compiled code cannot compare data pointers: under ``torch.compile`` that one check is made
+    before each call by :class:`StackedLinearsCheck`, the hook ``optimize_for_inference(...,
+    compile=True)`` registers; a group used by compiled code without it is not checked. Otherwise it returns None and the caller calls the layers one
     by one (a block of the stacked matrix is then computed by ``F.linear``). ``.to()``,
     :func:`~modelkit.speed.set_weight_layout_` or a re-assigned weight move a parameter out of the
     matrix; the group then lets the matrix go for good. Measured: gpt2-small's weights are read 3-9%
@@ -288,13 +289,26 @@ class StackedLinears:
         w0, b0 = self.weight.data_ptr(), self.bias.data_ptr() if self.bias is not None else 0
         return [(m.weight.data_ptr() - w0, m.bias.data_ptr() - b0 if m.bias is not None else 0) for m in layers]
 
+    def check_(self) -> bool:
+        """Let the matrix go for good if a layer's parameters are no longer blocks of it (``.to()``, a new
+        layout, a re-assigned weight); True while the matrix is in use. The pointer comparison that
+        compiled code cannot make: :func:`stacked_linears_check_hook` runs it before each compiled call."""
+        if self.weight is not None and self._offsets_of(self.layers) != self._offsets:
+            self.weight = self.bias = None
+        return self.weight is not None
+
     def __call__(self, x: Tensor, layers: tuple[nn.Module, ...]) -> list[Tensor] | None:
         """``[layer(x) for layer in layers]`` from one matmul, or None: the caller calls the layers."""
         w = self.weight
-        if w is None or torch.compiler.is_compiling():  # compiled code cannot check the pointers below
+        if w is None:
             return None
-        if any(m is not mine for m, mine in zip(layers, self.layers)) or self._offsets_of(layers) != self._offsets:
-            self.weight = self.bias = None  # replaced, or moved out of the matrix (.to()): release it
+        if any(m is not mine for m, mine in zip(layers, self.layers)):
+            self.weight = self.bias = None  # a layer was replaced: release the matrix
+            return None
+        # Under torch.compile the pointers were checked before the graph ran (stacked_linears_check_hook);
+        # everything below is traced and guarded.
+        if not torch.compiler.is_compiling() and self._offsets_of(layers) != self._offsets:
+            self.weight = self.bias = None  # moved out of the matrix (.to()): release it
             return None
         if any(type(m) is not OneDNNLinear or m._forward_hooks or m._forward_pre_hooks for m in layers):
             return None
@@ -302,7 +316,6 @@ class StackedLinears:
                 or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks):
             return None
         return list(onednn_linear(x, w, self.bias).split(self.sizes, dim=-1))
-
 
 def stack_linears(layers: list[nn.Module]) -> StackedLinears | None:
     """A :class:`StackedLinears` of ``layers`` when every one is a plain :class:`OneDNNLinear` (what
@@ -321,3 +334,24 @@ def apply_linears(stacked: StackedLinears | None, x: Tensor, layers: tuple[nn.Mo
     or None) can vouch for it, else by calling the layers (hooks, autograd and all)."""
     out = stacked(x, layers) if stacked is not None else None
     return out if out is not None else [m(x) for m in layers]
+
+
+def stacked_linears_of(model: nn.Module) -> list[StackedLinears]:
+    """Every :class:`StackedLinears` held by a module of ``model`` (as a plain attribute)."""
+    return [value for m in model.modules() for value in vars(m).values() if isinstance(value, StackedLinears)]
+
+
+class StackedLinearsCheck:
+    """A forward pre-hook for a model that will run compiled: runs every group's pointer check
+    (:meth:`StackedLinears.check_`) eagerly before the compiled code, which cannot make it. A released
+    group changes an attribute the compiled code is guarded on, so the next call recompiles without it.
+    The hook itself runs outside the compiled code. Measured (gpt2-small, 200 greedy tokens,
+    in-process, 6-8 rounds, two runs): compiled decoding 4-7% faster with the stacked matrices."""
+
+    def __init__(self, groups: list[StackedLinears]) -> None:
+        self.groups = groups
+
+    @torch.compiler.disable
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        for group in self.groups:
+            group.check_()

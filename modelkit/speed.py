@@ -14,8 +14,10 @@ import torch
 from torch import nn
 
 from .onednn import (
+    StackedLinearsCheck,
     fuse_linear_activations_,
     onednn_linear_available,
+    stacked_linears_of,
     use_onednn_linear_,
 )
 
@@ -104,8 +106,7 @@ def optimize_for_inference(
       on an AMD CPU, where MKL does not use AVX-512, float32 decoding about 1.8x faster and prefill
       about 2x), runs the activation after a Linear in a feed-forward ``nn.Sequential`` inside
       the same call, and stores the Linear layers a component reads with one input (attention's
-      q/k/v, via its ``stack_linears_`` method) as one matrix, read by one matmul (not with
-      ``compile``); results differ by summation order only (~1e-6 relative). ``"aten"`` keeps
+      q/k/v, via its ``stack_linears_`` method) as one matrix, read by one matmul; results differ by summation order only (~1e-6 relative). ``"aten"`` keeps
       ``F.linear``; ``"auto"`` is oneDNN when PyTorch has it and the weights are float32 or
       bfloat16 on the CPU.
     - ``weight_layout``: how Linear weights are stored (see :func:`set_weight_layout_`); ``"auto"``
@@ -113,8 +114,9 @@ def optimize_for_inference(
       decoding with either kernel; otherwise ``"rows"``). Values are unchanged.
     - ``compile``: wrap in ``torch.compile`` (the returned module is the compiled wrapper; the first
       calls compile, which takes a while: ~7-12 s for gpt2-small on 2 cores). oneDNN Linear layers
-      stay on oneDNN inside the compiled code and Inductor fuses the rest: it removes the Python
-      overhead of decoding (~5% faster) and leaves prefill as fast as eager.
+      stay on oneDNN inside the compiled code, stacked matrices stay stacked (their pointer check
+      runs before each call, :class:`~modelkit.onednn.StackedLinearsCheck`) and Inductor fuses the
+      rest. Decoding is about as fast as eager or a few % faster; prefill as fast as eager.
     - ``threads``: ``torch.set_num_threads(threads)`` (process-wide).
 
     The weights' state-dict names are kept unless ``quantize`` is set (see :mod:`modelkit.quantize`).
@@ -147,10 +149,13 @@ def optimize_for_inference(
         use_onednn_linear_(model)
         fuse_linear_activations_(model)
     set_weight_layout_(model, _auto_layout(model) if weight_layout == "auto" else weight_layout)
-    if compile:  # not stacked: compiled code cannot check a stacked matrix (modelkit.onednn.StackedLinears)
-        return torch.compile(model)  # type: ignore[return-value]  # an OptimizedModule wrapping model
     for module in list(model.modules()):  # components that read several Linear layers with one input
         stack = getattr(module, "stack_linears_", None)
         if callable(stack):
             stack()
+    if compile:
+        groups = stacked_linears_of(model)
+        if groups:  # compiled code cannot compare pointers: check the stacked matrices before each call
+            model.register_forward_pre_hook(StackedLinearsCheck(groups))
+        return torch.compile(model)  # type: ignore[return-value]  # an OptimizedModule wrapping model
     return model

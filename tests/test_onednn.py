@@ -182,7 +182,8 @@ def test_optimized_model_compiles_with_inductor_keeps_its_tokens_and_its_onednn_
     # benchmarks/peers.py); the custom op modelkit::onednn_linear keeps the kernel in compiled code.
     torch._dynamo.reset()
     ref = model()
-    compiled = optimize_for_inference(model(), compile=True)
+    fast = model()
+    compiled = optimize_for_inference(fast, compile=True)
     n_linear = sum(isinstance(m, nn.Linear) for m in ref.modules())
     idx = torch.randint(0, CFG["vocab_size"], (1, 5), generator=torch.Generator().manual_seed(10))
     try:
@@ -191,9 +192,21 @@ def test_optimized_model_compiles_with_inductor_keeps_its_tokens_and_its_onednn_
             with monkeypatch.context() as patch:  # counted at run time, inside the compiled graph
                 calls = uses_onednn(patch)
                 out = compiled(idx)
-            assert calls[0] == n_linear  # (unpatched again: Inductor's passes look the op up when compiling)
+            # (unpatched again: Inductor's passes look the op up when compiling)
+            assert calls[0] == n_linear - 2 * CFG["n_layers"]  # q/k/v stacked: one matmul per attention
             assert torch.allclose(out, ref(idx), atol=1e-5)
         assert torch.equal(generate(compiled, idx, 8), generate(ref, idx, 8))
+        # A weight re-assigned with the same dtype, shape and strides is invisible to the compiled
+        # code's guards; the pointer check before the call releases the stale matrix (a recompile).
+        att = fast.trf_blocks[0].att
+        torch.manual_seed(14)
+        new_w = torch.randn(att.W_key.weight.shape)
+        att.W_key.weight.data = new_w.t().contiguous().t()  # column-major, as optimize_for_inference stores it
+        with torch.no_grad():
+            ref.trf_blocks[0].att.W_key.weight.copy_(new_w)
+        with torch.inference_mode():
+            assert torch.allclose(compiled(idx), ref(idx), atol=1e-5)
+        assert att.stacked_qkv is not None and att.stacked_qkv.weight is None
     finally:
         torch._dynamo.reset()
 
