@@ -236,10 +236,10 @@ class StackedLinears:
     and type, no hooks), their parameters still blocks of this matrix and the oneDNN op applicable.
     Compiled code cannot compare data pointers: under ``torch.compile`` that one check is made
     before each call by :class:`StackedLinearsCheck`, the hook ``optimize_for_inference(...,
-    compile=True)`` registers; a group used by compiled code without it is not checked. Otherwise it returns None and the caller calls the layers one
-    by one (a block of the stacked matrix is then computed by ``F.linear``). ``.to()``,
-    :func:`~modelkit.speed.set_weight_layout_` or a re-assigned weight move a parameter out of the
-    matrix; the group then lets the matrix go for good. Measured: gpt2-small's weights are read 3-9%
+    compile=True)`` registers (a group used by compiled code without it is not checked). Otherwise
+    it returns None and the caller calls the layers one by one (a block of the stacked matrix is
+    then computed by ``F.linear``). ``.to()``, :func:`~modelkit.speed.set_weight_layout_` or a
+    re-assigned weight move a parameter out of the matrix; the group then lets the matrix go for good. Measured: gpt2-small's weights are read 3-9%
     faster with each attention's q/k/v stacked (``benchmarks/peers.py``, weight-read bound, six
     runs), and decoding is ~0.5-0.8 ms per token faster (in-process A/B, ~17 ms per token).
     """
@@ -289,13 +289,12 @@ class StackedLinears:
         w0, b0 = self.weight.data_ptr(), self.bias.data_ptr() if self.bias is not None else 0
         return [(m.weight.data_ptr() - w0, m.bias.data_ptr() - b0 if m.bias is not None else 0) for m in layers]
 
-    def check_(self) -> bool:
+    def check_(self) -> None:
         """Let the matrix go for good if a layer's parameters are no longer blocks of it (``.to()``, a new
-        layout, a re-assigned weight); True while the matrix is in use. The pointer comparison that
-        compiled code cannot make: :func:`stacked_linears_check_hook` runs it before each compiled call."""
+        layout, a re-assigned weight): the pointer comparison that compiled code cannot make, run before
+        each compiled call by :class:`StackedLinearsCheck`."""
         if self.weight is not None and self._offsets_of(self.layers) != self._offsets:
             self.weight = self.bias = None
-        return self.weight is not None
 
     def __call__(self, x: Tensor, layers: tuple[nn.Module, ...]) -> list[Tensor] | None:
         """``[layer(x) for layer in layers]`` from one matmul, or None: the caller calls the layers."""
@@ -305,8 +304,8 @@ class StackedLinears:
         if any(m is not mine for m, mine in zip(layers, self.layers)):
             self.weight = self.bias = None  # a layer was replaced: release the matrix
             return None
-        # Under torch.compile the pointers were checked before the graph ran (stacked_linears_check_hook);
-        # everything below is traced and guarded.
+        # Under torch.compile the pointers were checked before the graph ran (StackedLinearsCheck);
+        # everything else here is traced and guarded.
         if not torch.compiler.is_compiling() and self._offsets_of(layers) != self._offsets:
             self.weight = self.bias = None  # moved out of the matrix (.to()): release it
             return None
@@ -316,6 +315,7 @@ class StackedLinears:
                 or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks):
             return None
         return list(onednn_linear(x, w, self.bias).split(self.sizes, dim=-1))
+
 
 def stack_linears(layers: list[nn.Module]) -> StackedLinears | None:
     """A :class:`StackedLinears` of ``layers`` when every one is a plain :class:`OneDNNLinear` (what

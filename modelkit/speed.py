@@ -106,9 +106,9 @@ def optimize_for_inference(
       on an AMD CPU, where MKL does not use AVX-512, float32 decoding about 1.8x faster and prefill
       about 2x), runs the activation after a Linear in a feed-forward ``nn.Sequential`` inside
       the same call, and stores the Linear layers a component reads with one input (attention's
-      q/k/v, via its ``stack_linears_`` method) as one matrix, read by one matmul; results differ by summation order only (~1e-6 relative). ``"aten"`` keeps
-      ``F.linear``; ``"auto"`` is oneDNN when PyTorch has it and the weights are float32 or
-      bfloat16 on the CPU.
+      q/k/v, via its ``stack_linears_`` method) as one matrix, read by one matmul; results differ
+      by summation order only (~1e-6 relative). ``"aten"`` keeps ``F.linear``; ``"auto"`` is oneDNN
+      when PyTorch has it and the weights are float32 or bfloat16 on the CPU.
     - ``weight_layout``: how Linear weights are stored (see :func:`set_weight_layout_`); ``"auto"``
       picks the faster layout for batch-1 decoding (CPU float32: ``"columns"``, 12-20% faster
       decoding with either kernel; otherwise ``"rows"``). Values are unchanged.
