@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from .errors import GenerationError
+from .plan import step_of
 
 if TYPE_CHECKING:
     from .model import GPTModel
@@ -231,10 +232,12 @@ def _decode(model: GPTModel, idx: Tensor, max_new_tokens: int, context_size: int
     window = idx[:, -context_size:]
     length = window.shape[1]  # tokens in the window (== cached tokens while the cache is valid)
     finished = torch.zeros(idx.shape[0], 1, dtype=torch.bool, device=idx.device) if eos_id is not None else None
+    # The model's forward as plain function calls, checked once for this generation (modelkit.plan).
+    forward = step_of(model)
     with torch.inference_mode():
         # A prompt that fills the window leaves nothing for a cache to reuse: every later step shifts.
         cache = model.new_cache() if use_cache and length < context_size else None
-        logits = model(window, cache=cache, last_only=True)[:, -1, :]
+        logits = forward(window, cache=cache, last_only=True)[:, -1, :]
     for step in range(max_new_tokens):
         with torch.inference_mode():
             token = _next_token(logits, temperature, top_k, top_p, generator)
@@ -250,7 +253,7 @@ def _decode(model: GPTModel, idx: Tensor, max_new_tokens: int, context_size: int
         with torch.inference_mode():
             if cache is not None and length < context_size:
                 # The sequence still fits the window: positions are unchanged, extend the cache.
-                logits = model(token, cache=cache, last_only=True)[:, -1, :]
+                logits = forward(token, cache=cache, last_only=True)[:, -1, :]
                 window = torch.cat((window, token), dim=1)
                 length += 1
             else:
@@ -258,7 +261,7 @@ def _decode(model: GPTModel, idx: Tensor, max_new_tokens: int, context_size: int
                 cache = None  # stale from here on; free its memory
                 window = torch.cat((window, token), dim=1)[:, -context_size:]
                 length = window.shape[1]
-                logits = model(window, last_only=True)[:, -1, :]
+                logits = forward(window, last_only=True)[:, -1, :]
 
 
 def generate(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from .builder import SpecBlockParts, build_component
 from .cache import KVCache
 from .components.base import Block, Dropout, LayerContext, Positional
+from .plan import Step, step_of
 from .spec import ModelSpec, load_spec
 
 
@@ -57,6 +58,25 @@ class GPTModel(nn.Module):
         and the cache is extended. ``last_only`` computes logits for the last position only
         (``(batch, 1, vocab_size)``), which is what generation needs.
         """
+        return self._run(in_idx, cache, last_only, self.tok_emb, self.drop_emb, self.trf_blocks, self.final_norm,
+                         self.out_head)
+
+    def inference_step(self) -> Callable[..., Tensor] | None:
+        """``forward`` as one function of its parts' inference steps (:mod:`modelkit.plan`), for
+        :func:`modelkit.generate`: same arguments, same logits, without the per-module overhead."""
+        if self.training:
+            return None
+        parts = (step_of(self.tok_emb), step_of(self.drop_emb), [step_of(b) for b in self.trf_blocks],
+                 step_of(self.final_norm), step_of(self.out_head))
+
+        def step(in_idx: Tensor, *, cache: KVCache | None = None, last_only: bool = False) -> Tensor:
+            return self._run(in_idx, cache, last_only, *parts)
+
+        return step
+
+    def _run(self, in_idx: Tensor, cache: KVCache | None, last_only: bool, tok_emb: Step, drop_emb: Step,
+             blocks: Iterable[Step], final_norm: Step, out_head: Step) -> Tensor:
+        """The forward pass, given the parts to call (the modules, or their inference steps)."""
         _, seq_len = in_idx.shape
         start = cache.length if cache is not None else 0
         if start + seq_len > self.spec.context_length:
@@ -65,19 +85,20 @@ class GPTModel(nn.Module):
                 f"{self.spec.context_length}; crop the input to its last {self.spec.context_length} tokens"
             )
         positions = torch.arange(start, start + seq_len, device=in_idx.device)
-        x = self.tok_emb(in_idx)
-        pos = self.pos_emb.embedding(positions)
+        x = tok_emb(in_idx)
+        pos_emb = self.pos_emb
+        pos = pos_emb.embedding(positions)
         if pos is not None:
             x = x + pos
-        x = self.drop_emb(x)
-        for i, block in enumerate(self.trf_blocks):
-            x = block(x, LayerContext(positions, self.pos_emb, cache.layers[i] if cache is not None else None))
+        x = drop_emb(x)
+        for i, block in enumerate(blocks):
+            x = block(x, LayerContext(positions, pos_emb, cache.layers[i] if cache is not None else None))
         if cache is not None:
             cache.advance(seq_len)
-        x = self.final_norm(x)
+        x = final_norm(x)
         if last_only:
             x = x[:, -1:, :]
-        return self.out_head(x)
+        return out_head(x)
 
 
 @torch.no_grad()

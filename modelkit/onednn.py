@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import functools
 import itertools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["OneDNNLinear", "OneDNNLinearActivation", "StackedLinears", "apply_linears", "fuse_linear_activations_",
-           "onednn_applies", "onednn_linear", "onednn_linear_available", "stack_linears", "use_onednn_linear_"]
+           "linears_step", "onednn_applies", "onednn_linear", "onednn_linear_available", "stack_linears", "use_onednn_linear_"]
 
 _DTYPES = (torch.float32, torch.bfloat16)
 
@@ -147,6 +148,23 @@ class OneDNNLinear(nn.Linear):
     def _activate(self, y: Tensor) -> Tensor:
         """The post-op, for the paths that do not fuse it (none here)."""
         return y
+
+    def inference_step(self) -> Callable[[Tensor], Tensor] | None:
+        """``forward`` for inference (:mod:`modelkit.plan`): the checks on the weight made once, the
+        input's dtype and device checked per call (anything else: ``forward``'s ``F.linear`` path)."""
+        w, b = self.weight, self.bias
+        if not (w.is_cpu and w.dtype in _DTYPES and (w.is_contiguous() or w.t().is_contiguous())
+                and onednn_linear_available()):
+            return None
+        op, dtype, activate = torch.ops.mkldnn._linear_pointwise, w.dtype, self._activate
+        name, algorithm = self.post_op
+
+        def step(x: Tensor) -> Tensor:
+            if x.dtype is dtype and x.is_cpu:
+                return op(x, w, b, name, [], algorithm)
+            return activate(F.linear(x, w, b))
+
+        return step
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> OneDNNLinear:
@@ -296,6 +314,20 @@ class StackedLinears:
         if self.weight is not None and self._offsets_of(self.layers) != self._offsets:
             self.weight = self.bias = None
 
+    def usable(self, layers: tuple[nn.Module, ...]) -> bool:
+        """Whether one matmul may stand for ``layers`` now, whatever the input: the matrix is kept
+        (pointers checked, :meth:`check_`), the layers are the stacked ones, plain OneDNNLinear without
+        hooks, no global module hooks, no autocast, and the oneDNN op works."""
+        self.check_()
+        if self.weight is None or len(layers) != len(self.layers):
+            return False
+        if any(m is not mine for m, mine in zip(layers, self.layers)):
+            return False
+        if any(type(m) is not OneDNNLinear or m._forward_hooks or m._forward_pre_hooks for m in layers):
+            return False
+        return not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
+                    or torch.is_autocast_enabled("cpu")) and onednn_linear_available()
+
     def __call__(self, x: Tensor, layers: tuple[nn.Module, ...]) -> list[Tensor] | None:
         """``[layer(x) for layer in layers]`` from one matmul, or None: the caller calls the layers."""
         w = self.weight
@@ -334,6 +366,30 @@ def apply_linears(stacked: StackedLinears | None, x: Tensor, layers: tuple[nn.Mo
     or None) can vouch for it, else by calling the layers (hooks, autograd and all)."""
     out = stacked(x, layers) if stacked is not None else None
     return out if out is not None else [m(x) for m in layers]
+
+
+def linears_step(stacked: StackedLinears | None, layers: tuple[nn.Module, ...]) -> Callable[[Tensor], Sequence[Tensor]]:
+    """:func:`apply_linears` as an inference step (:mod:`modelkit.plan`): ``[layer(x) for layer in
+    layers]`` from one matmul when ``stacked`` can vouch for it now (checked once, the input's dtype
+    and device per call), else from each layer's step."""
+    from .plan import step_of
+
+    steps = [step_of(m) for m in layers]
+
+    def each(x: Tensor) -> list[Tensor]:
+        return [step(x) for step in steps]
+
+    if stacked is None or not stacked.usable(layers):
+        return each
+    op, w, b, sizes = torch.ops.mkldnn._linear_pointwise, stacked.weight, stacked.bias, stacked.sizes
+    dtype = w.dtype if w is not None else None
+
+    def one_matmul(x: Tensor) -> Sequence[Tensor]:
+        if x.dtype is dtype and x.is_cpu:
+            return op(x, w, b, "none", [], "").split(sizes, dim=-1)
+        return each(x)
+
+    return one_matmul
 
 
 def stacked_linears_of(model: nn.Module) -> list[StackedLinears]:

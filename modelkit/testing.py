@@ -26,6 +26,9 @@ tiny model whose spec puts it in its slot (:func:`tiny_spec`), and checks each p
   computed at construction and left out of the state dict).
 - ``kv_cache``: a model using it gives the same logits decoding with a KV cache (prefill, a chunk,
   then token by token) as recomputing the whole sequence.
+- ``inference_step``: its inference step (:func:`modelkit.plan.step_of`: ``inference_step()`` when
+  it defines one, else the module itself) computes exactly the same outputs as its forward, alone
+  and in a model (with and without the KV cache, before and after ``optimize_for_inference``).
 - ``positional_hooks`` (attention only): it applies ``ctx.positional.rotate`` to q and k and adds
   ``ctx.positional.attention_bias`` to the scores, with the cache too (checked with a probe
   positional that rotates and biases).
@@ -137,14 +140,17 @@ class _Subject:
         torch.manual_seed(0)
         return self.run_unseeded(module, x)
 
-    def run_unseeded(self, module: nn.Module, x: Tensor) -> tuple[Tensor | None, ...]:
+    def run_unseeded(self, module: nn.Module, x: Tensor, forward: Callable[..., Tensor] | None = None
+                     ) -> tuple[Tensor | None, ...]:
+        """Outputs of ``module`` (called through ``forward`` when given: its inference step)."""
         if self.kind == "positional":
             assert isinstance(module, Positional)
             return _positional_outputs(module, self.dims, x)
+        call = forward or module
         if self.kind in ("attention", "block"):
             ctx = LayerContext(torch.arange(x.shape[1]), NoPositional())
-            return (module(x, ctx),)
-        return (module(x),)
+            return (call(x, ctx),)
+        return (call(x),)
 
 
 def _qk(dims: ModelDims, b: int, s: int, seed: int) -> tuple[Tensor, Tensor]:
@@ -325,11 +331,13 @@ def _check_meta_device(sub: _Subject) -> None:
         "compute it in forward, or make it persistent")
 
 
-def _cached_logits(model: nn.Module, ids: Tensor) -> Tensor:
-    """Logits from a KV cache: prefill 5 tokens, then a chunk of 3, then one token at a time."""
+def _cached_logits(model: nn.Module, ids: Tensor, forward: Callable[..., Tensor] | None = None) -> Tensor:
+    """Logits from a KV cache: prefill 5 tokens, then a chunk of 3, then one token at a time (through
+    ``forward`` when given: the model's inference step)."""
     cache = model.new_cache()  # type: ignore[operator]
     bounds = [0, 5, 8, *range(9, ids.shape[1] + 1)]
-    pieces = [model(ids[:, a:b], cache=cache) for a, b in zip(bounds, bounds[1:])]
+    call = forward or model
+    pieces = [call(ids[:, a:b], cache=cache) for a, b in zip(bounds, bounds[1:])]
     assert cache.length == ids.shape[1], f"the cache holds {cache.length} tokens after {ids.shape[1]}"
     return torch.cat(pieces, dim=1)
 
@@ -395,6 +403,42 @@ def _check_positional_hooks(sub: _Subject) -> None:
         "it ignores what the hooks return")
 
 
+def _seeded(run: Callable[..., Tensor], *args: Any) -> Tensor:
+    """``run(*args)`` after ``torch.manual_seed(0)``."""
+    torch.manual_seed(0)
+    return run(*args)
+
+
+def _check_inference_step(sub: _Subject) -> None:
+    from .plan import step_of
+    from .speed import optimize_for_inference
+
+    if sub.kind != "positional":
+        module = _perturbed(sub.build(), seed=1).eval()  # parts that start equal (two norms) differ
+        x = sub.inputs()
+        step = step_of(module)
+        with torch.inference_mode():
+            want = sub.run(module, x)
+            torch.manual_seed(0)
+            problem = _same(want, sub.run_unseeded(module, x, step))
+        assert problem is None, (
+            f"alone, its inference step (modelkit.plan.step_of) differs from its forward ({problem}): "
+            "inference_step() must compute exactly what forward computes, with the same kernels")
+    ids = sub.token_ids(length=14)
+    for label, optimize in (("", False), (" after optimize_for_inference", True)):
+        model = _perturbed(sub.model(), seed=1)
+        if optimize:
+            optimize_for_inference(model)
+        step = step_of(model)
+        with torch.inference_mode():
+            # Seeded: randomness in eval mode is eval_determinism's to report.
+            problem = (_same((_seeded(model, ids),), (_seeded(step, ids),))
+                       or _same((_seeded(_cached_logits, model, ids),), (_seeded(_cached_logits, model, ids, step),)))
+        assert problem is None, (
+            f"in a model{label}, the model's inference step gives other logits than its forward ({problem}), "
+            "with or without the KV cache: its inference_step() (or a part's) does not compute what forward does")
+
+
 CHECKS: dict[str, tuple[Callable[[_Subject], None], frozenset[str]]] = {
     "shapes": (_check_shapes, _ALL),
     "causality": (_check_causality, _ALL),
@@ -403,6 +447,7 @@ CHECKS: dict[str, tuple[Callable[[_Subject], None], frozenset[str]]] = {
     "meta_device": (_check_meta_device, _ALL),
     "kv_cache": (_check_kv_cache, _ALL),
     "positional_hooks": (_check_positional_hooks, frozenset({"attention"})),
+    "inference_step": (_check_inference_step, _ALL),
 }
 
 

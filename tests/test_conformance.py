@@ -6,7 +6,7 @@ state dict, a cache that is never written, ...). Each must fail exactly the prop
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -144,6 +144,20 @@ class PeekingNorm(Norm):
         return (x - x.mean(dim=(1, 2), keepdim=True)) / (x.std(dim=(1, 2), keepdim=True) + 1e-5)
 
 
+class StepWithOtherActivation(FeedForward):
+    """Its inference step uses ReLU where its forward uses GELU."""
+
+    def __init__(self, dims: ModelDims) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(dims.emb_dim, 2 * dims.emb_dim), nn.Linear(2 * dims.emb_dim, dims.emb_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(F.gelu(self.up(x)))
+
+    def inference_step(self) -> Callable[[Tensor], Tensor]:
+        return lambda x: self.down(F.relu(self.up(x)))
+
+
 BROKEN: dict[str, tuple[str, type, set[str]]] = {
     # name: (kind, class, the properties it must fail)
     "broken.noncausal": ("attention", NonCausalAttention, {"causality", "kv_cache"}),
@@ -152,8 +166,9 @@ BROKEN: dict[str, tuple[str, type, set[str]]] = {
     "broken.gain": ("norm", GainOutsideStateDict, {"state_dict_round_trip", "meta_device"}),
     "broken.table": ("positional", TableComputedAtInit, {"meta_device"}),
     "broken.dropout": ("activation", DropoutInEval, {"eval_determinism", "kv_cache"}),
-    "broken.halfwidth": ("feedforward", HalfWidthFeedForward, {"shapes", "causality", "kv_cache"}),
+    "broken.halfwidth": ("feedforward", HalfWidthFeedForward, {"shapes", "causality", "kv_cache", "inference_step"}),
     "broken.peeking": ("norm", PeekingNorm, {"causality", "kv_cache"}),
+    "broken.step": ("feedforward", StepWithOtherActivation, {"inference_step"}),
 }
 
 

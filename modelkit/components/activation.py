@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -19,6 +21,9 @@ class GELU(Activation):
     def forward(self, x: Tensor) -> Tensor:
         return F.gelu(x, approximate="tanh")
 
+    def inference_step(self) -> Callable[[Tensor], Tensor]:
+        return lambda x: F.gelu(x, approximate="tanh")
+
 
 @register("activation", "gelu_exact")
 class GELUExact(Activation):
@@ -29,6 +34,9 @@ class GELUExact(Activation):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.gelu(x)
+
+    def inference_step(self) -> Callable[[Tensor], Tensor]:
+        return lambda x: F.gelu(x)
 
 
 @register("activation", "relu")
@@ -41,6 +49,9 @@ class ReLU(Activation):
     def forward(self, x: Tensor) -> Tensor:
         return F.relu(x)
 
+    def inference_step(self) -> Callable[[Tensor], Tensor]:
+        return lambda x: F.relu(x)
+
 
 @register("activation", "silu")
 class SiLU(Activation):
@@ -51,3 +62,6 @@ class SiLU(Activation):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.silu(x)
+
+    def inference_step(self) -> Callable[[Tensor], Tensor]:
+        return lambda x: F.silu(x)

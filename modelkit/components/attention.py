@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any
 
 import torch
 from pydantic import AfterValidator, Field
 from torch import Tensor, nn
 
-from ..onednn import StackedLinears, apply_linears, stack_linears
+from ..onednn import StackedLinears, apply_linears, linears_step, stack_linears
+from ..plan import step_of
 from ..registry import register
 from .base import Attention, Dropout, LayerContext, ModelDims, NoPositional, Positional
 from .kernels import attention_kernel_names, check_backend, get_attention_kernel
@@ -47,6 +49,19 @@ def attend(q: Tensor, k: Tensor, v: Tensor, ctx: LayerContext | None, kernel: An
     return kernel(q, k, v, bias=bias, dropout_p=dropout_p)
 
 
+def _multi_head(x: Tensor, qkv: Sequence[Tensor], ctx: LayerContext | None, heads: int, kernel: Any,
+                dropout_p: float, out_proj: Callable[[Tensor], Tensor]) -> Tensor:
+    """Multi-head attention from the projections ``qkv`` of ``x: (b, s, e)``: split into heads,
+    :func:`attend`, merge the heads, ``out_proj``."""
+    b, s, _ = x.shape
+    q, k, v = qkv
+    q = q.view(b, s, heads, -1).transpose(1, 2)
+    k = k.view(b, s, heads, -1).transpose(1, 2)
+    v = v.view(b, s, heads, -1).transpose(1, 2)
+    out = attend(q, k, v, ctx, kernel, dropout_p)
+    return out_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+
 @register("attention", "mha")
 class MultiHeadAttention(Attention):
     """Masked multi-head self-attention (the book's): W_query/W_key/W_value, causal, out_proj.
@@ -82,14 +97,16 @@ class MultiHeadAttention(Attention):
         self.stacked_qkv = stack_linears([self.W_query, self.W_key, self.W_value])
 
     def forward(self, x: Tensor, ctx: LayerContext | None = None) -> Tensor:
-        b, s, _ = x.shape
-        q, k, v = apply_linears(self.stacked_qkv, x, (self.W_query, self.W_key, self.W_value))
-        q = q.view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
-        k = k.view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
-        v = v.view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+        qkv = apply_linears(self.stacked_qkv, x, (self.W_query, self.W_key, self.W_value))
         dropout_p = self.dropout.p if self.training else 0.0
-        out = attend(q, k, v, ctx, self.kernel, dropout_p)
-        return self.out_proj(out.transpose(1, 2).reshape(b, s, self.d_out))
+        return _multi_head(x, qkv, ctx, self.num_heads, self.kernel, dropout_p, self.out_proj)
+
+    def inference_step(self) -> Callable[[Tensor, LayerContext | None], Tensor] | None:
+        if self.training:
+            return None
+        qkv = linears_step(self.stacked_qkv, (self.W_query, self.W_key, self.W_value))
+        heads, kernel, out_proj = self.num_heads, self.kernel, step_of(self.out_proj)
+        return lambda x, ctx=None: _multi_head(x, qkv(x), ctx, heads, kernel, 0.0, out_proj)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         # The book's MultiHeadAttention stores its causal mask as a buffer; the kernels build

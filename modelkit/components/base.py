@@ -50,12 +50,14 @@ its modules register nothing on import. Bare names are modelkit's; duplicate nam
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..plan import identity_step
 
 if TYPE_CHECKING:
     from ..cache import LayerKVCache
@@ -146,6 +148,10 @@ class Dropout(nn.Dropout):
         if self.training and self.p > 0.0:
             return F.dropout(input, self.p, True, self.inplace)
         return input
+
+    def inference_step(self) -> Callable[[Tensor], Tensor] | None:
+        """The identity when dropout does nothing (:mod:`modelkit.plan`); else None: call the module."""
+        return None if self.training and self.p > 0.0 else identity_step
 
 
 @dataclass

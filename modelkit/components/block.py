@@ -6,10 +6,15 @@ the book's order so a seeded build draws the same random numbers); a style is on
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from collections.abc import Callable
 
+from torch import Tensor
+
+from ..plan import Step, identity_step, step_of
 from ..registry import register
 from .base import Block, BlockParts, Dropout, LayerContext, ModelDims
+
+BlockStep = Callable[[Tensor, LayerContext | None], Tensor]
 
 
 class _TwoNormBlock(Block):
@@ -21,6 +26,12 @@ class _TwoNormBlock(Block):
         self.norm2 = parts.norm()
         self.drop_shortcut = Dropout(dims.drop_rate)
 
+    def _steps(self) -> tuple[Step, Step, Step, Step] | None:
+        """The parts' inference steps (:mod:`modelkit.plan`), or None while the shortcut dropout is on."""
+        if step_of(self.drop_shortcut) is not identity_step:
+            return None
+        return step_of(self.att), step_of(self.ff), step_of(self.norm1), step_of(self.norm2)
+
 
 @register("block", "pre_norm")
 class PreNormBlock(_TwoNormBlock):
@@ -30,6 +41,18 @@ class PreNormBlock(_TwoNormBlock):
         x = x + self.drop_shortcut(self.att(self.norm1(x), ctx))
         return x + self.drop_shortcut(self.ff(self.norm2(x)))
 
+    def inference_step(self) -> BlockStep | None:
+        parts = self._steps()
+        if parts is None:
+            return None
+        att, ff, norm1, norm2 = parts
+
+        def step(x: Tensor, ctx: LayerContext | None = None) -> Tensor:
+            x = x + att(norm1(x), ctx)
+            return x + ff(norm2(x))
+
+        return step
+
 
 @register("block", "post_norm")
 class PostNormBlock(_TwoNormBlock):
@@ -38,6 +61,18 @@ class PostNormBlock(_TwoNormBlock):
     def forward(self, x: Tensor, ctx: LayerContext | None = None) -> Tensor:
         x = self.norm1(x + self.drop_shortcut(self.att(x, ctx)))
         return self.norm2(x + self.drop_shortcut(self.ff(x)))
+
+    def inference_step(self) -> BlockStep | None:
+        parts = self._steps()
+        if parts is None:
+            return None
+        att, ff, norm1, norm2 = parts
+
+        def step(x: Tensor, ctx: LayerContext | None = None) -> Tensor:
+            x = norm1(x + att(x, ctx))
+            return norm2(x + ff(x))
+
+        return step
 
 
 @register("block", "parallel")
@@ -54,3 +89,14 @@ class ParallelBlock(Block):
     def forward(self, x: Tensor, ctx: LayerContext | None = None) -> Tensor:
         h = self.norm1(x)
         return x + self.drop_shortcut(self.att(h, ctx)) + self.drop_shortcut(self.ff(h))
+
+    def inference_step(self) -> BlockStep | None:
+        if step_of(self.drop_shortcut) is not identity_step:
+            return None
+        att, ff, norm1 = step_of(self.att), step_of(self.ff), step_of(self.norm1)
+
+        def step(x: Tensor, ctx: LayerContext | None = None) -> Tensor:
+            h = norm1(x)
+            return x + att(h, ctx) + ff(h)
+
+        return step
