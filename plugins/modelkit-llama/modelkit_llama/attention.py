@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Annotated, Any
 
 from pydantic import Field
@@ -11,7 +11,8 @@ from torch import Tensor, nn
 from modelkit.components.attention import BackendName, attend
 from modelkit.components.base import Attention, LayerContext, ModelDims
 from modelkit.components.kernels import get_attention_kernel
-from modelkit.onednn import StackedLinears, apply_linears, stack_linears
+from modelkit.onednn import StackedLinears, apply_linears, linears_step, stack_linears
+from modelkit.plan import step_of
 
 
 class GroupedQueryAttention(Attention):
@@ -69,14 +70,28 @@ class GroupedQueryAttention(Attention):
 
     def forward(self, x: Tensor, ctx: LayerContext | None = None) -> Tensor:
         """``x: (b, s, emb_dim)`` -> ``(b, s, emb_dim)``, causal; caches ``(b, num_kv_heads, s, d)``."""
+        qkv = apply_linears(self.stacked_qkv, x, (self.W_query, self.W_key, self.W_value))
+        dropout_p = self.dropout.p if self.training else 0.0
+        return self._attend(x, qkv, ctx, dropout_p, self.out_proj)
+
+    def inference_step(self) -> Callable[[Tensor, LayerContext | None], Tensor] | None:
+        """``forward`` as plain function calls (modelkit's optional speed hook for decoding, see
+        ``modelkit.plan``); None in training mode, where dropout applies."""
+        if self.training:
+            return None
+        qkv = linears_step(self.stacked_qkv, (self.W_query, self.W_key, self.W_value))
+        out_proj = step_of(self.out_proj)
+        return lambda x, ctx=None: self._attend(x, qkv(x), ctx, 0.0, out_proj)
+
+    def _attend(self, x: Tensor, qkv: Sequence[Tensor], ctx: LayerContext | None, dropout_p: float,
+                out_proj: Callable[[Tensor], Tensor]) -> Tensor:
         b, s, _ = x.shape
-        q, k, v = apply_linears(self.stacked_qkv, x, (self.W_query, self.W_key, self.W_value))
+        q, k, v = qkv
         q = q.view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        dropout_p = self.dropout.p if self.training else 0.0
         out = attend(q, k, v, ctx, self.kernel, dropout_p)
-        return self.out_proj(out.transpose(1, 2).reshape(b, s, self.d_out))
+        return out_proj(out.transpose(1, 2).reshape(b, s, self.d_out))
 
     def extra_repr(self) -> str:
         return (f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "

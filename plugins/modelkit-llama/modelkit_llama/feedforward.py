@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Annotated
 
 import torch.nn.functional as F
@@ -10,7 +11,8 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from modelkit.components.base import FeedForward, ModelDims
-from modelkit.onednn import StackedLinears, apply_linears, stack_linears
+from modelkit.onednn import StackedLinears, apply_linears, linears_step, stack_linears
+from modelkit.plan import step_of
 
 
 def llama_hidden_dim(emb_dim: int, multiple_of: int) -> int:
@@ -56,3 +58,15 @@ class SwiGLU(FeedForward):
         """``x: (b, s, emb_dim)`` -> ``(b, s, emb_dim)``."""
         gate, up = apply_linears(self.stacked_gate_up, x, (self.gate_proj, self.up_proj))
         return self.down_proj(F.silu(gate) * up)
+
+    def inference_step(self) -> Callable[[Tensor], Tensor]:
+        """``forward`` as plain function calls (modelkit's optional speed hook for decoding, see
+        ``modelkit.plan``): the parts' steps are built once, then called without module overhead."""
+        gate_up = linears_step(self.stacked_gate_up, (self.gate_proj, self.up_proj))
+        down = step_of(self.down_proj)
+
+        def step(x: Tensor) -> Tensor:
+            gate, up = gate_up(x)
+            return down(F.silu(gate) * up)
+
+        return step
