@@ -444,8 +444,8 @@ def bench_decode(rep: Report, models: dict[str, nn.Module], reps: Reps) -> tuple
                 "Time for the whole generate call (prefill included); tokens/s = new tokens / time. modelkit "
                 "decodes with `modelkit.generate` after `optimize_for_inference(model)` (eval mode, oneDNN "
                 "Linear kernels and their weight layout, each attention's q/k/v weights stacked into one "
-                "matrix: what `modelkit generate` does); the row below it is "
-                "the model as built. transformers: `generate(do_sample=False, min_new_tokens=200)`. "
+                "matrix: what `modelkit generate` does; `generate` calls the model through its inference "
+                "steps, `modelkit.plan`, built once per call); the row below it is the model as built. transformers: `generate(do_sample=False, min_new_tokens=200)`. "
                 "llms_from_scratch.kv_cache: the package's KV-cache GPT-2 and its greedy loop; its attention "
                 "slices the causal mask's columns instead of its rows (1.0.19), which fails on the first "
                 f"cached step, so that one line is fixed here. {COMPILED}: `optimize_for_inference(model, "
@@ -493,6 +493,7 @@ def bench_decode(rep: Report, models: dict[str, nn.Module], reps: Reps) -> tuple
     share, compiled_share, hand_share = (statistics.median(shares[n]) for n in ("modelkit", COMPILED, HANDWRITTEN))
     spread = f"{shares['modelkit'][0] * 100:.0f}-{shares['modelkit'][-1] * 100:.0f}%"
     nbytes = bounds[bound_name]
+    extra = entries[0][1] / medians[HANDWRITTEN] - 1
     passes = "; ".join(f"{name} {t * 1e3:.1f} ms ({nbytes / t / 1e9:.1f} GB/s)" for name, t in per_pass.items())
     rep.add(f"\n**Weight-read bound**: one pass over {nbytes / 1e6:.0f} MB of fp32 Linear weights, per kernel, "
             f"weight layout (rows: (out, in) contiguous, nn.Linear's default; columns: (in, out) contiguous) "
@@ -500,9 +501,9 @@ def bench_decode(rep: Report, models: dict[str, nn.Module], reps: Reps) -> tuple
             f"most {1 / bound_s:.1f} tokens/s. Shares of the bound are medians over the {reps.decode} rounds of "
             f"(bound time / decode time) within a round. modelkit decodes {mk_tps:.1f} tokens/s = "
             f"**{share * 100:.0f}% of the bound** (rounds: {spread}); compiled {compiled_share * 100:.0f}%; the "
-            f"hand-written loop {hand_share * 100:.0f}%, so in eager mode modelkit's modules add "
-            f"{(entries[0][1] / medians[HANDWRITTEN] - 1) * 100:.0f}% to the decode time of the same computation "
-            f"without them.")
+            f"hand-written loop {hand_share * 100:.0f}%, so in eager mode modelkit's decode takes "
+            f"{abs(extra) * 100:.0f}% {'more' if extra >= 0 else 'less'} time than the same computation written "
+            f"without modules.")
     hf_t = dict(entries)["transformers"]
     rep.target("decode at least as fast as transformers", entries[0][1] <= hf_t,
                f"modelkit {mk_tps:.1f} tok/s vs transformers {NEW_TOKENS / hf_t:.1f} tok/s "
