@@ -13,6 +13,7 @@ from typing import Literal, TypeVar
 import torch
 from torch import nn
 
+from .hugepages import advise_huge_pages_, model_tensors
 from .onednn import (
     StackedLinearsCheck,
     fuse_linear_activations_,
@@ -94,6 +95,7 @@ def optimize_for_inference(
     linear_kernel: Literal["auto", "aten", "onednn"] = "auto",
     compile: bool = False,
     threads: int | None = None,
+    huge_pages: bool = False,
 ) -> M:
     """Put ``model`` in eval mode and apply the chosen speed options, in place; return the model to use.
 
@@ -118,6 +120,10 @@ def optimize_for_inference(
       runs before each call, :class:`~modelkit.onednn.StackedLinearsCheck`) and Inductor fuses the
       rest. Decoding is about as fast as eager or a few % faster; prefill as fast as eager.
     - ``threads``: ``torch.set_num_threads(threads)`` (process-wide).
+    - ``huge_pages``: move the parameters and buffers to 2 MiB pages where Linux allows
+      (:mod:`modelkit.hugepages`; in place, values and addresses unchanged). gpt2-small fp32 decoding
+      ~4% faster (~0.5 ms per token), for ~1.2 s spent once here: worth it from a few thousand
+      generated tokens (a server, long runs), not for one short generation. A no-op elsewhere.
 
     The weights' state-dict names are kept unless ``quantize`` is set (see :mod:`modelkit.quantize`).
     Forward hooks registered on Linear layers are not carried over to the replaced layers.
@@ -153,6 +159,8 @@ def optimize_for_inference(
         stack = getattr(module, "stack_linears_", None)
         if callable(stack):
             stack()
+    if huge_pages:
+        advise_huge_pages_(model_tensors(model))
     if compile:
         groups = stacked_linears_of(model)
         if groups:  # compiled code cannot compare pointers: check the stacked matrices before each call

@@ -50,6 +50,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--quantize", choices=["none", "int8"], default="none",
                    help="int8: weight-only int8 Linear layers (fewest bytes per token, fastest CPU decoding; "
                         "see modelkit.quantize)")
+    p.add_argument("--huge-pages", action="store_true",
+                   help="move the weights to 2 MiB pages first (Linux; ~1 s for gpt2-small, then ~4-6%% faster "
+                        "decoding: worth it for thousands of tokens; see modelkit.hugepages)")
     p.set_defaults(func=run)
 
 
@@ -115,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args)
     from ..speed import optimize_for_inference  # dtype, int8, and the decode-friendly weight layout
 
-    model = optimize_for_inference(model, dtype=args.dtype, quantize=args.quantize)
+    model = optimize_for_inference(model, dtype=args.dtype, quantize=args.quantize, huge_pages=args.huge_pages)
     if model.spec.vocab_size < tokenizer.n_vocab:
         raise GenerationError(
             f"the model has vocab_size {model.spec.vocab_size}, fewer than the GPT-2 tokenizer's "
