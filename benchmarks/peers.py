@@ -276,12 +276,13 @@ BOUND_KERNELS = ("F.linear", "oneDNN")
 
 
 def weight_read_pass(model: nn.Module, layout: str, kernel: str = "F.linear",
-                     stack_qkv: bool = False) -> tuple[Callable[[], None], int]:
+                     stack_qkv: bool = False, huge_pages: bool = False) -> tuple[Callable[[], None], int]:
     """A callable that runs every Linear weight of ``model`` once as a batch-1 ``(1, in) @ W`` matmul
     (the way decode reads the weights), with copies of the weights stored ``"rows"`` ((out, in)
     contiguous, nn.Linear's default) or ``"columns"`` ((in, out) contiguous), through ``kernel``
     (one of :data:`BOUND_KERNELS`); with ``stack_qkv``, each attention's ``W_query``/``W_key``/``W_value``
-    are one stacked matrix. Returns the callable and the bytes it reads."""
+    are one stacked matrix; with ``huge_pages``, the copies are moved to 2 MiB pages
+    (:mod:`modelkit.hugepages`). Returns the callable and the bytes it reads."""
     groups: list[list[nn.Linear]] = []
     stacked: set[int] = set()
     for m in model.modules():
@@ -297,6 +298,10 @@ def weight_read_pass(model: nn.Module, layout: str, kernel: str = "F.linear",
         weights.append(w.contiguous().clone() if layout == "rows" else w.t().contiguous().t())
         bs = [lin.bias for lin in group]
         biases.append(None if any(b is None for b in bs) else torch.cat([b.detach() for b in bs]))
+    if huge_pages:
+        from modelkit.hugepages import advise_huge_pages_
+
+        advise_huge_pages_([*weights, *(b for b in biases if b is not None)])
     inputs = [torch.randn(1, w.shape[1], dtype=w.dtype) for w in weights]
     op = torch.ops.mkldnn._linear_pointwise
     linear = (lambda x, w, b: op(x, w, b, "none", [], "")) if kernel == "oneDNN" else F.linear
@@ -434,10 +439,12 @@ def decode_fn(name: str, model: nn.Module, prompt: Tensor) -> Callable[[], Tenso
 
 
 HANDWRITTEN = "hand-written loop (no modules)"
+HUGE = "modelkit + huge pages"
 COMPILED = "modelkit + torch.compile"
 
 
 def bench_decode(rep: Report, models: dict[str, nn.Module], reps: Reps) -> tuple[float, Tensor]:
+    from modelkit.hugepages import huge_pages_available
     from modelkit.onednn import onednn_linear_available
 
     rep.section(f"Decode (greedy, KV cache, {NEW_TOKENS} new tokens after a {PROMPT_LEN}-token prompt, batch 1)",
@@ -456,8 +463,10 @@ def bench_decode(rep: Report, models: dict[str, nn.Module], reps: Reps) -> tuple
                 "is what modelkit's abstractions cost. The weight-read bound runs every Linear weight once as "
                 f"a (1, in) @ W matmul, {NEW_TOKENS} times, interleaved with the decoders, through each kernel, "
                 "with the weights stored either way and per layer or with each attention's q/k/v weights "
-                "stacked into one matrix; the fastest is the bound: decoding cannot beat it without reading "
-                "fewer bytes per token.")
+                "stacked into one matrix, and (Linux) stacked with the copies on 2 MiB pages; the fastest is "
+                "the bound: decoding cannot beat it without reading fewer bytes per token. "
+                f"{HUGE}: `optimize_for_inference(model, huge_pages=True)`, an opt-in (moving the weights "
+                "takes ~1 s, not timed).")
     prompt = torch.randint(0, 50257, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(7))
     fns: dict[str, Callable[[], Any]] = {name: decode_fn(name, model, prompt) for name, model in models.items()}
     torch._dynamo.reset()
@@ -466,14 +475,21 @@ def bench_decode(rep: Report, models: dict[str, nn.Module], reps: Reps) -> tuple
     compiled = optimize_for_inference(copy.deepcopy(models["modelkit (as built)"]), compile=True)
     fns[COMPILED] = decode_fn("modelkit", compiled, prompt)
     fns[HANDWRITTEN] = handwritten_decode_fn(models["modelkit"], prompt)
-    arrangements = [(k, layout, False) for k in BOUND_KERNELS for layout in ("rows", "columns")]
+    huge = huge_pages_available()
+    if huge:
+        fns[HUGE] = decode_fn("modelkit", optimize_for_inference(
+            copy.deepcopy(models["modelkit (as built)"]), huge_pages=True), prompt)
+    arrangements = [(k, layout, False, False) for k in BOUND_KERNELS for layout in ("rows", "columns")]
     if not onednn_linear_available():
         arrangements = arrangements[:2]
-    arrangements.append((arrangements[-1][0], "columns", True))
+    arrangements.append((arrangements[-1][0], "columns", True, False))
+    if huge:
+        arrangements.append((arrangements[-1][0], "columns", True, True))
     bounds = {}
-    for kernel, layout, stack_qkv in arrangements:
-        one_pass, nbytes = weight_read_pass(models["modelkit"], layout, kernel, stack_qkv)
-        name = f"{kernel}, {layout}" + (", q/k/v stacked" if stack_qkv else "")
+    for kernel, layout, stack_qkv, huge_pages in arrangements:
+        one_pass, nbytes = weight_read_pass(models["modelkit"], layout, kernel, stack_qkv, huge_pages)
+        name = (f"{kernel}, {layout}" + (", q/k/v stacked" if stack_qkv else "")
+                + (", huge pages" if huge_pages else ""))
         fns[name] = lambda one_pass=one_pass: [one_pass() for _ in range(NEW_TOKENS)]
         bounds[name] = nbytes
     with torch.inference_mode():
@@ -489,8 +505,14 @@ def bench_decode(rep: Report, models: dict[str, nn.Module], reps: Reps) -> tuple
     same = ", ".join(f"{n}: {int((o == ref).sum())}/{NEW_TOKENS}" for n, o in outputs.items() if n != entries[0][0])
     rep.add(f"\nGreedy tokens equal to modelkit's (position by position): {same}.")
     mk_tps = NEW_TOKENS / entries[0][1]
-    shares = {name: paired_shares(times[bound_name], times[name]) for name in ("modelkit", COMPILED, HANDWRITTEN)}
+    shares = {name: paired_shares(times[bound_name], times[name])
+              for name in ("modelkit", COMPILED, HANDWRITTEN, HUGE) if name in times}
     share, compiled_share, hand_share = (statistics.median(shares[n]) for n in ("modelkit", COMPILED, HANDWRITTEN))
+    huge_note = ""
+    if HUGE in shares:
+        huge_share = statistics.median(shares[HUGE])
+        huge_note = (f"; with its weights on huge pages (`optimize_for_inference(huge_pages=True)`, opt-in) "
+                     f"{huge_share * 100:.0f}% (rounds {shares[HUGE][0] * 100:.0f}-{shares[HUGE][-1] * 100:.0f}%)")
     spread = f"{shares['modelkit'][0] * 100:.0f}-{shares['modelkit'][-1] * 100:.0f}%"
     nbytes = bounds[bound_name]
     extra = entries[0][1] / medians[HANDWRITTEN] - 1
@@ -500,7 +522,7 @@ def bench_decode(rep: Report, models: dict[str, nn.Module], reps: Reps) -> tuple
             f"and grouping: {passes}. Bound: the fastest, {bound_name}, {bound_s * 1e3:.1f} ms per token, at "
             f"most {1 / bound_s:.1f} tokens/s. Shares of the bound are medians over the {reps.decode} rounds of "
             f"(bound time / decode time) within a round. modelkit decodes {mk_tps:.1f} tokens/s = "
-            f"**{share * 100:.0f}% of the bound** (rounds: {spread}); compiled {compiled_share * 100:.0f}%; the "
+            f"**{share * 100:.0f}% of the bound** (rounds: {spread}){huge_note}; compiled {compiled_share * 100:.0f}%; the "
             f"hand-written loop {hand_share * 100:.0f}%, so in eager mode modelkit's decode takes "
             f"{abs(extra) * 100:.0f}% {'more' if extra >= 0 else 'less'} time than the same computation written "
             f"without modules.")
@@ -512,7 +534,7 @@ def bench_decode(rep: Report, models: dict[str, nn.Module], reps: Reps) -> tuple
     default = per_pass["F.linear, rows"]
     rep.target("decode within 90% of the weight-read bound", share >= 0.9,
                f"{share * 100:.0f}% (rounds {spread}; {mk_tps:.1f} of {1 / bound_s:.1f} tok/s, the bound with the fastest kernel, "
-               f"layout and grouping ({bound_name}); modelkit + torch.compile: {compiled_share * 100:.0f}%; the "
+               f"layout, grouping and pages ({bound_name}){huge_note}; modelkit + torch.compile: {compiled_share * 100:.0f}%; the "
                f"same computation as a hand-written loop without modules: {hand_share * 100:.0f}%; against nn.Linear's default (F.linear, rows), "
                f"{1 / default:.1f} tok/s: {mk_tps * default * 100:.0f}%)")
     return entries[0][1], outputs["modelkit"]

@@ -38,6 +38,14 @@ Linear layers are on oneDNN; it stores them with :func:`~modelkit.onednn.stack_l
 their outputs in forward from :func:`~modelkit.onednn.apply_linears` (see ``MultiHeadAttention``;
 the llama plugin's attention and SwiGLU do the same).
 
+Optional speed hook for decoding: ``inference_step()``, defined in the same class as ``forward``,
+returns a function computing exactly what ``forward`` computes in eval mode without autograd, built
+from the parts' steps (:func:`modelkit.plan.step_of`, and :func:`~modelkit.onednn.linears_step` for
+stacked layers), or None when it cannot (training mode). :func:`modelkit.generate` calls the model
+through these steps, built once per call, instead of ~150 module calls per token; a component
+without one is called as a module. The ``inference_step`` conformance check holds a step to its
+forward bit for bit.
+
 Rules every component follows (checked by :func:`modelkit.testing.check_component`): causal,
 deterministic in eval mode, all state it needs in its state dict (a fresh instance that loads it
 computes the same), constructible on the meta device (tensors needed at run time are parameters,
