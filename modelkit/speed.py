@@ -1,8 +1,9 @@
-"""Speed options for inference in one call: dtype, weight layout, int8 weights, torch.compile, threads.
+"""Speed options for inference in one call: dtype, weight layout, int8 weights, torch.compile, threads,
+huge pages.
 
 ``optimize_for_inference(model, dtype=torch.bfloat16, quantize="int8")`` returns a model ready for
 :func:`modelkit.generate`. Only ``dtype`` and ``quantize`` change the numbers (slightly); the weight
-layout, threads and compile leave them as they are. The figures for gpt2-small on a CPU are in
+layout, threads, huge pages and compile leave them as they are. The figures for gpt2-small on a CPU are in
 ``benchmarks/RESULTS.md``.
 """
 
@@ -118,7 +119,8 @@ def optimize_for_inference(
       calls compile, which takes a while: ~7-12 s for gpt2-small on 2 cores). oneDNN Linear layers
       stay on oneDNN inside the compiled code, stacked matrices stay stacked (their pointer check
       runs before each call, :class:`~modelkit.onednn.StackedLinearsCheck`) and Inductor fuses the
-      rest. Decoding is about as fast as eager or a few % faster; prefill as fast as eager.
+      rest. Prefill as fast as eager; decoding ~5% slower than eager, whose ``generate`` runs the
+      inference steps (:mod:`modelkit.plan`), while each compiled call first checks Dynamo's guards.
     - ``threads``: ``torch.set_num_threads(threads)`` (process-wide).
     - ``huge_pages``: move the parameters and buffers to 2 MiB pages where Linux allows
       (:mod:`modelkit.hugepages`; in place, values and addresses unchanged). gpt2-small fp32 decoding
