@@ -163,3 +163,15 @@ def test_an_input_of_another_dtype_gets_forwards_answer() -> None:
         for call in (layer, step):  # float64 into float32 weights: F.linear's error, from both
             with pytest.raises(RuntimeError, match="dtype"):
                 call(x.double())
+
+
+@pytest.mark.parametrize("options", [{"dtype": "bfloat16"}, {"quantize": "int8"}, {"linear_kernel": "aten"},
+                                     {"dtype": "bfloat16", "quantize": "int8"}])
+def test_steps_of_bf16_int8_and_aten_models_give_their_forwards_logits(options) -> None:
+    model = optimize_for_inference(tiny(), **options)
+    step = step_of(model)
+    assert step is not model
+    x = ids()
+    with torch.inference_mode():
+        assert torch.equal(step(x), model(x))
+        assert torch.equal(cached(step, model, x), cached(model, model, x))
