@@ -18,6 +18,8 @@ BlockStep = Callable[[Tensor, LayerContext | None], Tensor]
 
 
 class _TwoNormBlock(Block):
+    """A block with attention, feed-forward, two norms and shortcut dropout; a style is its ``wire``."""
+
     def __init__(self, dims: ModelDims, parts: BlockParts) -> None:
         super().__init__()
         self.att = parts.attention()
@@ -26,53 +28,44 @@ class _TwoNormBlock(Block):
         self.norm2 = parts.norm()
         self.drop_shortcut = Dropout(dims.drop_rate)
 
-    def _steps(self) -> tuple[Step, Step, Step, Step] | None:
-        """The parts' inference steps (:mod:`modelkit.plan`), or None while the shortcut dropout is on."""
+    @staticmethod
+    def wire(x: Tensor, ctx: LayerContext | None, att: BlockStep, ff: Step, norm1: Step, norm2: Step,
+             drop: Step) -> Tensor:
+        """How the parts (modules, or their inference steps) are arranged around the shortcuts."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, ctx: LayerContext | None = None) -> Tensor:
+        return self.wire(x, ctx, self.att, self.ff, self.norm1, self.norm2, self.drop_shortcut)
+
+    def inference_step(self) -> BlockStep | None:
+        """``wire`` over the parts' inference steps (:mod:`modelkit.plan`); None while the shortcut
+        dropout is on."""
         if step_of(self.drop_shortcut) is not identity_step:
             return None
-        return step_of(self.att), step_of(self.ff), step_of(self.norm1), step_of(self.norm2)
+        wire, parts = self.wire, (step_of(self.att), step_of(self.ff), step_of(self.norm1), step_of(self.norm2))
+        return lambda x, ctx=None: wire(x, ctx, *parts, identity_step)
 
 
 @register("block", "pre_norm")
 class PreNormBlock(_TwoNormBlock):
     """The book's TransformerBlock: x + drop(att(norm1(x))), then x + drop(ff(norm2(x)))."""
 
-    def forward(self, x: Tensor, ctx: LayerContext | None = None) -> Tensor:
-        x = x + self.drop_shortcut(self.att(self.norm1(x), ctx))
-        return x + self.drop_shortcut(self.ff(self.norm2(x)))
-
-    def inference_step(self) -> BlockStep | None:
-        parts = self._steps()
-        if parts is None:
-            return None
-        att, ff, norm1, norm2 = parts
-
-        def step(x: Tensor, ctx: LayerContext | None = None) -> Tensor:
-            x = x + att(norm1(x), ctx)
-            return x + ff(norm2(x))
-
-        return step
+    @staticmethod
+    def wire(x: Tensor, ctx: LayerContext | None, att: BlockStep, ff: Step, norm1: Step, norm2: Step,
+             drop: Step) -> Tensor:
+        x = x + drop(att(norm1(x), ctx))
+        return x + drop(ff(norm2(x)))
 
 
 @register("block", "post_norm")
 class PostNormBlock(_TwoNormBlock):
     """The original Transformer's wiring: norm1(x + drop(att(x))), then norm2(x + drop(ff(x)))."""
 
-    def forward(self, x: Tensor, ctx: LayerContext | None = None) -> Tensor:
-        x = self.norm1(x + self.drop_shortcut(self.att(x, ctx)))
-        return self.norm2(x + self.drop_shortcut(self.ff(x)))
-
-    def inference_step(self) -> BlockStep | None:
-        parts = self._steps()
-        if parts is None:
-            return None
-        att, ff, norm1, norm2 = parts
-
-        def step(x: Tensor, ctx: LayerContext | None = None) -> Tensor:
-            x = norm1(x + att(x, ctx))
-            return norm2(x + ff(x))
-
-        return step
+    @staticmethod
+    def wire(x: Tensor, ctx: LayerContext | None, att: BlockStep, ff: Step, norm1: Step, norm2: Step,
+             drop: Step) -> Tensor:
+        x = norm1(x + drop(att(x, ctx)))
+        return norm2(x + drop(ff(x)))
 
 
 @register("block", "parallel")
