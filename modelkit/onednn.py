@@ -151,18 +151,19 @@ class OneDNNLinear(nn.Linear):
 
     def inference_step(self) -> Callable[[Tensor], Tensor] | None:
         """``forward`` for inference (:mod:`modelkit.plan`): the checks on the weight made once, the
-        input's dtype and device checked per call (anything else: ``forward``'s ``F.linear`` path)."""
+        input's dtype and device and the grad mode checked per call (anything else: ``forward``)."""
         w, b = self.weight, self.bias
         if not (w.is_cpu and w.dtype in _DTYPES and (w.is_contiguous() or w.t().is_contiguous())
                 and onednn_linear_available()):
             return None
-        op, dtype, activate = torch.ops.mkldnn._linear_pointwise, w.dtype, self._activate
+        op, dtype, forward = torch.ops.mkldnn._linear_pointwise, w.dtype, self.forward
         name, algorithm = self.post_op
+        grad_enabled = torch.is_grad_enabled
 
         def step(x: Tensor) -> Tensor:
-            if x.dtype is dtype and x.is_cpu:
+            if x.dtype is dtype and x.is_cpu and not grad_enabled():
                 return op(x, w, b, name, [], algorithm)
-            return activate(F.linear(x, w, b))
+            return forward(x)
 
         return step
 
@@ -370,8 +371,8 @@ def apply_linears(stacked: StackedLinears | None, x: Tensor, layers: tuple[nn.Mo
 
 def linears_step(stacked: StackedLinears | None, layers: tuple[nn.Module, ...]) -> Callable[[Tensor], Sequence[Tensor]]:
     """:func:`apply_linears` as an inference step (:mod:`modelkit.plan`): ``[layer(x) for layer in
-    layers]`` from one matmul when ``stacked`` can vouch for it now (checked once, the input's dtype
-    and device per call), else from each layer's step."""
+    layers]`` from one matmul when ``stacked`` can vouch for it now (checked once; the input's dtype
+    and device and the grad mode per call), else from each layer's step."""
     from .plan import step_of
 
     steps = [step_of(m) for m in layers]
@@ -384,8 +385,10 @@ def linears_step(stacked: StackedLinears | None, layers: tuple[nn.Module, ...]) 
     op, w, b, sizes = torch.ops.mkldnn._linear_pointwise, stacked.weight, stacked.bias, stacked.sizes
     dtype = w.dtype if w is not None else None
 
+    grad_enabled = torch.is_grad_enabled
+
     def one_matmul(x: Tensor) -> Sequence[Tensor]:
-        if x.dtype is dtype and x.is_cpu:
+        if x.dtype is dtype and x.is_cpu and not grad_enabled():
             return op(x, w, b, "none", [], "").split(sizes, dim=-1)
         return each(x)
 

@@ -175,3 +175,17 @@ def test_steps_of_bf16_int8_and_aten_models_give_their_forwards_logits(options) 
     with torch.inference_mode():
         assert torch.equal(step(x), model(x))
         assert torch.equal(cached(step, model, x), cached(model, model, x))
+
+
+def test_a_step_called_with_autograd_on_still_gets_gradients() -> None:
+    model = optimize_for_inference(tiny())
+    step = step_of(model)
+    x = ids()
+    step(x).sum().backward()  # outside inference mode, parameters requiring grad
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model(x).sum().backward()
+    want = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads.keys() == want.keys() and len(want) == len(list(model.parameters()))
+    for n in want:
+        assert torch.allclose(grads[n], want[n], atol=1e-5, rtol=1e-4), n
