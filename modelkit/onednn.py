@@ -383,9 +383,8 @@ def linears_step(stacked: StackedLinears | None, layers: tuple[nn.Module, ...]) 
     if stacked is None or not stacked.usable(layers):
         return each
     op, w, b, sizes = torch.ops.mkldnn._linear_pointwise, stacked.weight, stacked.bias, stacked.sizes
-    dtype = w.dtype if w is not None else None
-
-    grad_enabled = torch.is_grad_enabled
+    assert w is not None  # usable() checked it
+    dtype, grad_enabled = w.dtype, torch.is_grad_enabled
 
     def one_matmul(x: Tensor) -> Sequence[Tensor]:
         if x.dtype is dtype and x.is_cpu and not grad_enabled():
