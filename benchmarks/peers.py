@@ -57,13 +57,14 @@ class Reps:
 
     prefill: int = 7
     decode: int = 5
+    share: int = 6
     train: int = 5
     bound: int = 30
     warmup: int = 1
 
     @classmethod
     def quick(cls) -> Reps:
-        return cls(prefill=1, decode=1, train=1, bound=3, warmup=1)
+        return cls(prefill=1, decode=1, share=1, train=1, bound=3, warmup=1)
 
 
 def interleaved_times(fns: dict[str, Callable[[], Any]], reps: int, warmup: int) -> dict[str, list[float]]:
@@ -90,11 +91,25 @@ def interleaved_medians(fns: dict[str, Callable[[], Any]], reps: int, warmup: in
     return {name: statistics.median(ts) for name, ts in interleaved_times(fns, reps, warmup).items()}
 
 
-def paired_shares(bound: list[float], times: list[float]) -> list[float]:
-    """Per round, the bound's time over the contender's (the fraction of the bound reached), sorted.
-    A ratio within one round compares two runs seconds apart, so it drifts less with the machine's
-    load than a ratio of medians taken over the whole section."""
-    return sorted(b / t for b, t in zip(bound, times))
+def adjacent_shares(bound: Callable[[], Any], decoders: dict[str, Callable[[], Any]], rounds: int
+                    ) -> dict[str, list[float]]:
+    """Per decoder, ``rounds`` ratios (bound time / decoder time), sorted: the fraction of the bound it
+    reaches. Each ratio comes from the bound and the decoder run back to back (the bound first in
+    even rounds, second in odd ones), a few seconds apart. On a shared host whose memory bandwidth
+    changes with the neighbours' load over tens of seconds, that drifts far less than comparing
+    runs from different parts of a round or medians over the whole section."""
+    shares: dict[str, list[float]] = {name: [] for name in decoders}
+    for r in range(rounds):
+        for name, decode in decoders.items():
+            first, second = (bound, decode) if r % 2 == 0 else (decode, bound)
+            t0 = time.perf_counter()
+            first()
+            t1 = time.perf_counter()
+            second()
+            t2 = time.perf_counter()
+            bound_s, decode_s = (t1 - t0, t2 - t1) if r % 2 == 0 else (t2 - t1, t1 - t0)
+            shares[name].append(bound_s / decode_s)
+    return {name: sorted(ratios) for name, ratios in shares.items()}
 
 
 @dataclass
@@ -505,8 +520,9 @@ def bench_decode(rep: Report, models: dict[str, nn.Module], reps: Reps) -> tuple
     same = ", ".join(f"{n}: {int((o == ref).sum())}/{NEW_TOKENS}" for n, o in outputs.items() if n != entries[0][0])
     rep.add(f"\nGreedy tokens equal to modelkit's (position by position): {same}.")
     mk_tps = NEW_TOKENS / entries[0][1]
-    shares = {name: paired_shares(times[bound_name], times[name])
-              for name in ("modelkit", COMPILED, HANDWRITTEN, HUGE) if name in times}
+    with torch.inference_mode():
+        shares = adjacent_shares(fns[bound_name], {name: fns[name] for name in ("modelkit", COMPILED, HANDWRITTEN, HUGE)
+                                                   if name in fns}, reps.share)
     share, compiled_share, hand_share = (statistics.median(shares[n]) for n in ("modelkit", COMPILED, HANDWRITTEN))
     huge_note = ""
     if HUGE in shares:
@@ -520,8 +536,9 @@ def bench_decode(rep: Report, models: dict[str, nn.Module], reps: Reps) -> tuple
     rep.add(f"\n**Weight-read bound**: one pass over {nbytes / 1e6:.0f} MB of fp32 Linear weights, per kernel, "
             f"weight layout (rows: (out, in) contiguous, nn.Linear's default; columns: (in, out) contiguous) "
             f"and grouping: {passes}. Bound: the fastest, {bound_name}, {bound_s * 1e3:.1f} ms per token, at "
-            f"most {1 / bound_s:.1f} tokens/s. Shares of the bound are medians over the {reps.decode} rounds of "
-            f"(bound time / decode time) within a round. modelkit decodes {mk_tps:.1f} tokens/s = "
+            f"most {1 / bound_s:.1f} tokens/s. Shares of the bound are medians over {reps.share} rounds of "
+            f"(bound time / decode time) from the bound pass and the decoder run back to back, a few seconds "
+            f"apart (the host's memory bandwidth drifts with its neighbours' load over tens of seconds). modelkit decodes {mk_tps:.1f} tokens/s = "
             f"**{share * 100:.0f}% of the bound** (rounds: {spread}){huge_note}; compiled {compiled_share * 100:.0f}%; the "
             f"hand-written loop {hand_share * 100:.0f}%, so in eager mode modelkit's decode takes "
             f"{abs(extra) * 100:.0f}% {'more' if extra >= 0 else 'less'} time than the same computation written "
