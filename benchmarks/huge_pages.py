@@ -52,12 +52,7 @@ def main() -> None:
     print(f"moved {moved / 1e6:.0f} MB of parameters to huge pages in {spent:.2f} s "
           f"(kernel: AnonHugePages {before} -> {huge_mb()} MB)")
     pass_small, nbytes = weight_read_pass(small, "columns", "oneDNN", True)
-    pass_huge, _ = weight_read_pass(small, "columns", "oneDNN", True)
-    # the second pass's weight copies on huge pages too: advise every tensor its closure holds
-    for cell in pass_huge.__closure__ or ():
-        value = cell.cell_contents
-        if isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
-            advise_huge_pages_(value)
+    pass_huge, _ = weight_read_pass(small, "columns", "oneDNN", True, huge_pages=True)
     prompt = torch.randint(0, small.spec.vocab_size, (1, 16), generator=torch.Generator().manual_seed(1))
     runs = {
         "decode, 4 KiB pages": lambda: generate(small, prompt, args.tokens),

@@ -10,8 +10,8 @@ immediately. Addresses, values, strides and sharing are unchanged.
 
 It is not free: the kernel copies each page's contents to a new 2 MiB page. ``python
 benchmarks/huge_pages.py`` measures both sides. On the 2-core AMD EPYC of ``benchmarks/RESULTS.md``
-(gpt2-small fp32, 200 greedy tokens, 6 interleaved rounds): 11.71 -> 11.22 ms per token, the
-weight-read pass 10.00 -> 9.54 ms, and moving 522 MB took 1.2 s. So
+(gpt2-small fp32, 200 greedy tokens, 4 interleaved rounds): 11.46 -> 10.73 ms per token, the
+weight-read pass 9.68 -> 9.35 ms, and moving 543 MB took 1.22 s, repaid after ~1700 tokens. So
 ``optimize_for_inference(huge_pages=True)`` is an opt-in for long-running decoding.
 """
 

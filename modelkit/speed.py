@@ -124,8 +124,9 @@ def optimize_for_inference(
     - ``threads``: ``torch.set_num_threads(threads)`` (process-wide).
     - ``huge_pages``: move the parameters and buffers to 2 MiB pages where Linux allows
       (:mod:`modelkit.hugepages`; in place, values and addresses unchanged). gpt2-small fp32 decoding
-      ~4% faster (~0.5 ms per token), for ~1.2 s spent once here: worth it from a few thousand
-      generated tokens (a server, long runs), not for one short generation. A no-op elsewhere.
+      4-6% faster (0.5-0.7 ms per token, two in-process measurements), for ~1.2 s spent once here:
+      worth it from a couple of thousand generated tokens (a server, long runs), not for one short
+      generation. A no-op elsewhere.
 
     The weights' state-dict names are kept unless ``quantize`` is set (see :mod:`modelkit.quantize`).
     Forward hooks registered on Linear layers are not carried over to the replaced layers.
