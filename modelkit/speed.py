@@ -167,6 +167,10 @@ def optimize_for_inference(
     if compile:
         groups = stacked_linears_of(model)
         if groups:  # compiled code cannot compare pointers: check the stacked matrices before each call
-            model.register_forward_pre_hook(StackedLinearsCheck(groups))
+            checks = [h for h in model._forward_pre_hooks.values() if isinstance(h, StackedLinearsCheck)]
+            if checks:  # optimized before: one check of the current groups, not one more hook per call
+                checks[0].groups = groups
+            else:
+                model.register_forward_pre_hook(StackedLinearsCheck(groups))
         return torch.compile(model)  # type: ignore[return-value]  # an OptimizedModule wrapping model
     return model

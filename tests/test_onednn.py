@@ -16,7 +16,13 @@ from torch import nn
 
 from modelkit import build_model
 from modelkit.generation import generate
-from modelkit.onednn import OneDNNLinear, onednn_linear_available, use_onednn_linear_
+from modelkit.onednn import (
+    OneDNNLinear,
+    StackedLinearsCheck,
+    onednn_linear_available,
+    stacked_linears_of,
+    use_onednn_linear_,
+)
 from modelkit.speed import optimize_for_inference
 
 pytestmark = pytest.mark.skipif(not onednn_linear_available(), reason="this PyTorch build has no oneDNN linear op")
@@ -209,6 +215,16 @@ def test_optimized_model_compiles_with_inductor_keeps_its_tokens_and_its_onednn_
         assert att.stacked_qkv is not None and att.stacked_qkv.weight is None
     finally:
         torch._dynamo.reset()
+
+
+def test_optimizing_for_compile_twice_keeps_one_pointer_check_of_the_current_groups():
+    # Each call used to add one more StackedLinearsCheck hook: the checks piled up before every call.
+    fast = model()
+    optimize_for_inference(fast, compile=True)
+    optimize_for_inference(fast, compile=True)
+    checks = [h for h in fast._forward_pre_hooks.values() if isinstance(h, StackedLinearsCheck)]
+    assert len(checks) == 1
+    assert checks[0].groups == stacked_linears_of(fast) and len(checks[0].groups) == CFG["n_layers"]
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # inside Inductor
