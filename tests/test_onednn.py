@@ -217,6 +217,7 @@ def test_optimized_model_compiles_with_inductor_keeps_its_tokens_and_its_onednn_
         torch._dynamo.reset()
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # inside Inductor
 def test_optimizing_for_compile_twice_keeps_one_pointer_check_of_the_current_groups():
     # Each call used to add one more StackedLinearsCheck hook: the checks piled up before every call.
     fast = model()
