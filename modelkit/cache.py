@@ -39,15 +39,20 @@ class LayerKVCache:
                 f"KV cache is full: {start} cached + {k.shape[-2]} new tokens > max_length "
                 f"{self._owner.max_length} (the model's context_length)"
             )
-        if self.k is None or self.k.shape[0] != k.shape[0]:
+        store_k, store_v = self.storage(k, v)
+        store_k[..., start:end, :] = k
+        store_v[..., start:end, :] = v
+        return store_k[..., :end, :], store_v[..., :end, :]
+
+    def storage(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """The ``(b, h_kv, max_length, d)`` key and value storage for new keys/values shaped like
+        ``k`` and ``v``, allocated now if there is none yet or the batch size changed."""
+        if self.k is None or self.v is None or self.k.shape[0] != k.shape[0]:
             shape_k = (*k.shape[:-2], self._owner.max_length, k.shape[-1])
             shape_v = (*v.shape[:-2], self._owner.max_length, v.shape[-1])
             self.k = torch.empty(shape_k, dtype=k.dtype, device=k.device)
             self.v = torch.empty(shape_v, dtype=v.dtype, device=v.device)
-        assert self.v is not None
-        self.k[..., start:end, :] = k
-        self.v[..., start:end, :] = v
-        return self.k[..., :end, :], self.v[..., :end, :]
+        return self.k, self.v
 
 
 class KVCache:
