@@ -43,6 +43,10 @@ class GPTModel(nn.Module):
         if spec.init == "gpt2":
             init_gpt2_(self)
 
+    #: Decode with the native (C++) step when the model is the composition it implements: set by
+    #: ``optimize_for_inference(native=True)``, read by :func:`modelkit.generate` (see modelkit.native).
+    native_decode: bool = False
+
     @property
     def context_length(self) -> int:
         return self.spec.context_length

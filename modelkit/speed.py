@@ -97,6 +97,7 @@ def optimize_for_inference(
     compile: bool = False,
     threads: int | None = None,
     huge_pages: bool = False,
+    native: bool = False,
 ) -> M:
     """Put ``model`` in eval mode and apply the chosen speed options, in place; return the model to use.
 
@@ -127,6 +128,14 @@ def optimize_for_inference(
       4-6% faster (0.5-0.7 ms per token, two in-process measurements), for ~1.2 s spent once here:
       worth it from a couple of thousand generated tokens (a server, long runs), not for one short
       generation. A no-op elsewhere.
+
+    - ``native``: decode with the native step (:mod:`modelkit.native`): ``generate`` runs each cached
+      step of the GPT-2 composition as one C++ call (the same kernels, logits equal bit for bit),
+      without the Python between the kernels, which runs with cold caches in every layer. Compiled
+      here on first use (a C++ compiler and ninja: ``pip install 'modelkit[native]'``; ~30-60 s on
+      2 cores, then cached by PyTorch). Raises :class:`~modelkit.native.NativeBuildError` when it
+      cannot be built, ``ValueError`` when the model is not that composition (the message says
+      which part) or with ``compile``. Measured: see ``benchmarks/RESULTS.md``.
 
     The weights' state-dict names are kept unless ``quantize`` is set (see :mod:`modelkit.quantize`).
     Forward hooks registered on Linear layers are not carried over to the replaced layers.
@@ -164,6 +173,23 @@ def optimize_for_inference(
             stack()
     if huge_pages:
         advise_huge_pages_(model_tensors(model))
+    if native:
+        if compile:
+            raise ValueError("native=True and compile=True exclude each other: the native step replaces the "
+                             "Python that compile would trace")
+        from .native import (
+            native_extension,
+            native_unsupported_reason,
+            verify_native_step,
+        )
+
+        reason = native_unsupported_reason(model)
+        if reason is not None:
+            raise ValueError(f"native=True: the native decode step implements GPT-2's composition on oneDNN "
+                             f"in float32, and {reason}")
+        native_extension()  # compile now (or load the cached build), not in the first generate call
+        verify_native_step(model)  # same logits as the Python steps, bit for bit, or an error now
+        model.native_decode = True  # type: ignore[attr-defined]  # a GPTModel (checked above)
     if compile:
         groups = stacked_linears_of(model)
         if groups:  # compiled code cannot compare pointers: check the stacked matrices before each call
