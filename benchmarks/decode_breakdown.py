@@ -1,23 +1,24 @@
 """Where a decoded token's time goes, against the weight-read bound.
 
-    python benchmarks/decode_breakdown.py [--rounds 4] [--tokens 200] [--spec configs/gpt2-small.json]
+    python benchmarks/decode_breakdown.py [--rounds 8] [--tokens 200] [--spec configs/gpt2-small.json]
 
 ``benchmarks/peers.py`` reports decoding as a share of the weight-read bound (the time to read every
 Linear weight once in batch-1 matmuls). This script says what the rest of the time is, so that work
-on decoding speed starts from figures, not guesses. For the optimised model (``optimize_for_inference``,
-greedy ``generate`` with the KV cache after a 16-token prompt) and the bound pass (oneDNN, columns,
-q/k/v stacked: the arrangement that usually wins in peers.py), it prints:
+on decoding speed starts from figures. It times, per token, the optimised model's greedy ``generate``
+(``optimize_for_inference``, KV cache, 16-token prompt) and the bound pass (oneDNN, columns, q/k/v
+stacked: the arrangement that usually wins in peers.py), in interleaved rounds, and splits each
+into the time spent inside the oneDNN Linear op, inside ``F.scaled_dot_product_attention`` and
+everything else (the other ops and the Python between them). The split comes from a clock read
+around each of those calls (``time.perf_counter``, ~0.1 µs), not from ``torch.profiler``, whose own
+per-op cost is larger than the small ops it would measure.
 
-1. wall time per token of both, in interleaved rounds, and the share (bound / decode) per round;
-2. one profiled run of each (``torch.profiler``, which adds its own per-op cost), split into the
-   Linear kernels, the attention kernel, every other op, and the time no op accounts for (Python,
-   the profiler, argument handling); comparing the two Linear figures tells whether the model's
-   matmuls read the weights as fast as the bound pass does;
-3. the same depth and heads at a tiny width (emb_dim 48, vocab 256, same prompt and tokens), decode
-   and bound pass: the per-token cost that does not depend on the weight bytes (each call's set-up,
-   small ops, Python), and how much of it the bound pass pays too (its matmuls' set-up);
-4. the budget: decoding reaches 90% of the bound when everything but the matmuls takes at most
-   ``bound / 0.9 - matmul time``.
+It does the same for the model at a tiny width (emb_dim 4 x n_heads, vocab 256; same depth, heads,
+prompt and tokens), where every cache stays warm: the difference between the two is what a decode
+step pays because each layer's weights have just streamed through the caches (its KV cache, the
+small tensors and the code between the matmuls are read cold). Last, the budget: 90% of the bound
+leaves ``bound / 0.9 - Linear time`` for everything but the matmuls. Where the native decode step
+(:mod:`modelkit.native`) can be built, the same decode through it is a third run (its kernels are
+called from C++, so only its wall time is shown).
 """
 
 from __future__ import annotations
@@ -28,51 +29,76 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from torch.profiler import profile
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 from peers import weight_read_pass
 
 from modelkit import GPTModel, generate
+from modelkit.native import NativeBuildError
 from modelkit.speed import optimize_for_inference
 
-LINEAR_OPS = ("mkldnn::_linear_pointwise", "modelkit::onednn_linear", "aten::addmm", "aten::mm")
+PARTS = ("Linear", "attention", "other")
+NATIVE = "native decode"
 
 
-def per_token_ms(fn: Callable[[], object], tokens: int) -> float:
-    start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) / tokens * 1e3
+@contextmanager
+def clocked_kernels(spent: dict[str, float]) -> Iterator[None]:
+    """Within the block, ``spent["Linear"]`` and ``spent["attention"]`` accumulate the seconds spent in
+    ``torch.ops.mkldnn._linear_pointwise`` and ``F.scaled_dot_product_attention`` (looked up at call
+    or step-build time by modelkit and by :func:`peers.weight_read_pass`)."""
+    linear, attention = torch.ops.mkldnn._linear_pointwise, F.scaled_dot_product_attention
+    clock = time.perf_counter
+
+    def timed_linear(*args: object) -> torch.Tensor:
+        start = clock()
+        out = linear(*args)
+        spent["Linear"] += clock() - start
+        return out
+
+    def timed_attention(*args: object, **kwargs: object) -> torch.Tensor:
+        start = clock()
+        out = attention(*args, **kwargs)
+        spent["attention"] += clock() - start
+        return out
+
+    torch.ops.mkldnn._linear_pointwise = timed_linear
+    F.scaled_dot_product_attention = timed_attention
+    try:
+        yield
+    finally:
+        torch.ops.mkldnn._linear_pointwise = linear
+        F.scaled_dot_product_attention = attention
 
 
-def profiled_split(fn: Callable[[], object], tokens: int) -> dict[str, float]:
-    """ms per token of op self time under ``torch.profiler``: Linear kernels, attention, other ops; and
-    the profiled wall time (the profiler adds its own cost to every op and to the Python between)."""
-    with profile():  # the profiler's own start-up, not counted
-        torch.zeros(1).add_(1)
-    start = time.perf_counter()
-    with profile() as prof:
-        fn()
-    wall = (time.perf_counter() - start) / tokens * 1e3
-    split = {"Linear kernels": 0.0, "attention kernel": 0.0, "other ops": 0.0}
-    for event in prof.key_averages():
-        ms = event.self_cpu_time_total / tokens / 1e3
-        if event.key in LINEAR_OPS:
-            split["Linear kernels"] += ms
-        elif "attention" in event.key or "flash" in event.key:
-            split["attention kernel"] += ms
-        else:
-            split["other ops"] += ms
-    split["profiled wall"] = wall
-    return split
+def split_rounds(runs: dict[str, Callable[[], object]], rounds: int, tokens: int) -> dict[str, list[dict[str, float]]]:
+    """Per run, per round: ms per token in total ("wall") and in each of :data:`PARTS`. The runs are
+    built inside :func:`clocked_kernels` by the caller; rounds alternate the order."""
+    spent = {"Linear": 0.0, "attention": 0.0}
+    out: dict[str, list[dict[str, float]]] = {name: [] for name in runs}
+    with clocked_kernels(spent):
+        built = {name: make() for name, make in runs.items()}  # steps and passes take the clocked ops
+        for run in built.values():
+            run()  # warm-up
+        for r in range(rounds):
+            for name in (list(built) if r % 2 == 0 else list(reversed(built))):
+                spent.update(Linear=0.0, attention=0.0)
+                start = time.perf_counter()
+                built[name]()
+                wall = time.perf_counter() - start
+                ms = {"wall": wall, "Linear": spent["Linear"], "attention": spent["attention"]}
+                ms["other"] = wall - ms["Linear"] - ms["attention"]
+                out[name].append({k: v / tokens * 1e3 for k, v in ms.items()})
+    return out
 
 
 def tiny_copy_of(spec_path: str) -> str:
-    """A spec file with ``spec_path``'s depth, heads and layout at emb_dim 48 and vocab 256."""
+    """A spec file with ``spec_path``'s depth, heads and layout at emb_dim 4 x n_heads and vocab 256."""
     spec = json.loads(Path(spec_path).read_text())
     spec.update(emb_dim=4 * spec["n_heads"], vocab_size=256)
     spec.pop("name", None)
@@ -81,58 +107,73 @@ def tiny_copy_of(spec_path: str) -> str:
     return str(path)
 
 
+def measure(spec_path: str, rounds: int, tokens: int) -> tuple[dict[str, list[dict[str, float]]], int]:
+    torch.manual_seed(123)
+    model = optimize_for_inference(GPTModel(spec_path))
+    prompt = torch.randint(0, model.spec.vocab_size, (1, 16), generator=torch.Generator().manual_seed(7))
+    nbytes = 0
+
+    def bound() -> Callable[[], object]:
+        nonlocal nbytes
+        one_pass, nbytes = weight_read_pass(model, "columns", "oneDNN", True)
+        return lambda: [one_pass() for _ in range(tokens)]
+
+    runs = {"decode": lambda: lambda: generate(model, prompt, tokens), "bound pass": bound}
+    try:  # the same decode as one C++ call per token (modelkit.native), where it can be built
+        torch.manual_seed(123)
+        native = optimize_for_inference(GPTModel(spec_path), native=True)
+        runs[NATIVE] = lambda: lambda: generate(native, prompt, tokens)
+    except (NativeBuildError, ValueError) as exc:
+        print(f"(no native decode: {exc})")
+    with torch.inference_mode():  # as peers.py measures; generate enters it anyway
+        result = split_rounds(runs, rounds, tokens)
+    return result, nbytes
+
+
+def median(rows: list[dict[str, float]], key: str) -> float:
+    return statistics.median(row[key] for row in rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--spec", default="configs/gpt2-small.json")
-    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=200)
     args = ap.parse_args()
-    n = args.tokens
-    torch.manual_seed(123)
-    model = optimize_for_inference(GPTModel(args.spec))
-    bound_pass, nbytes = weight_read_pass(model, "columns", "oneDNN", True)
-    prompt = torch.randint(0, model.spec.vocab_size, (1, 16), generator=torch.Generator().manual_seed(7))
-    runs = {"decode": lambda: generate(model, prompt, n), "bound": lambda: [bound_pass() for _ in range(n)]}
-    tiny = optimize_for_inference(GPTModel(tiny_copy_of(args.spec)))
-    tiny_prompt = prompt % tiny.spec.vocab_size
-    tiny_pass, _ = weight_read_pass(tiny, "columns", "oneDNN", True)
+    full, nbytes = measure(args.spec, args.rounds, args.tokens)
+    tiny, _ = measure(tiny_copy_of(args.spec), args.rounds, args.tokens)
 
-    with torch.inference_mode():  # as peers.py measures; generate enters it anyway
-        for run in runs.values():
-            run()  # warm-up
-        walls: dict[str, list[float]] = {name: [] for name in runs}
-        for r in range(args.rounds):
-            order = list(runs) if r % 2 == 0 else list(reversed(runs))
-            for name in order:
-                walls[name].append(per_token_ms(runs[name], n))
-        splits = {name: profiled_split(run, n) for name, run in runs.items()}
-        generate(tiny, tiny_prompt, n)
-        tiny_ms = statistics.median(per_token_ms(lambda: generate(tiny, tiny_prompt, n), n) for _ in range(5))
-        tiny_bound = statistics.median(per_token_ms(lambda: [tiny_pass() for _ in range(n)], n) for _ in range(5))
-        tiny_split = profiled_split(lambda: generate(tiny, tiny_prompt, n), n)
-
-    decode, bound = statistics.median(walls["decode"]), statistics.median(walls["bound"])
-    shares = sorted(b / d for b, d in zip(walls["bound"], walls["decode"]))
-    print(f"{model.spec.name or args.spec}: {nbytes / 1e6:.0f} MB of Linear weights, {n} greedy tokens, "
-          f"{torch.get_num_threads()} threads, {args.rounds} interleaved rounds")
-    print(f"wall, ms per token (medians): decode {decode:.2f}, bound pass {bound:.2f}; share of the bound "
-          f"per round (bound / decode): median {statistics.median(shares) * 100:.1f}% "
-          f"({' '.join(f'{x * 100:.1f}' for x in shares)})")
-    print("\nop self time under torch.profiler, ms per token (one run each; the profiler adds its own cost):")
-    print(f"  {'':18s} {'decode':>8s} {'bound':>8s} {'tiny width':>11s}")
-    for key in splits["decode"]:
-        print(f"  {key:18s} {splits['decode'][key]:8.2f} {splits['bound'][key]:8.2f} {tiny_split[key]:11.3f}")
-    ops = splits["decode"]["attention kernel"] + splits["decode"]["other ops"]
-    print(f"\nthe same depth at a tiny width (unprofiled): decode {tiny_ms:.2f} ms per token, bound pass "
-          f"{tiny_bound:.2f}: the part of a token that does not depend on the weight bytes (each call's "
-          f"set-up, small ops, Python), {tiny_ms - tiny_bound:.2f} ms more than the bound pass's own")
-    print(f"90% of the bound means decoding in at most {bound / 0.9:.2f} ms per token, {bound / 0.9 - bound:.2f} "
-          f"ms more than the bound pass; the decode's ops besides its matmuls take {ops:.2f} ms by "
-          f"themselves (attention {splits['decode']['attention kernel']:.2f}, against "
-          f"{tiny_split['attention kernel']:.2f} at the tiny width: the difference is reading the KV cache "
-          f"after the weights have evicted it), and the Linear kernels take "
-          f"{splits['decode']['Linear kernels'] / splits['bound']['Linear kernels']:.2f}x their time in the "
-          f"bound pass")
+    print(f"{args.spec}: {nbytes / 1e6:.0f} MB of Linear weights, {args.tokens} greedy tokens, "
+          f"{torch.get_num_threads()} threads; ms per token, medians of {args.rounds} interleaved rounds")
+    print(f"  {'':26s} {'wall':>7s} {'Linear':>7s} {'attention':>9s} {'other':>7s}")
+    for label, result in (("", full), ("tiny width, ", tiny)):
+        for name, rows in result.items():
+            if name == NATIVE:  # its kernels are called from C++, out of the clocks' sight
+                print(f"  {label + name:26s} {median(rows, 'wall'):7.2f} {'(inside one C++ call per token)':>25s}")
+                continue
+            print(f"  {label + name:26s} " + " ".join(f"{median(rows, k):{w}.2f}" for k, w in
+                                                      (("wall", 7), ("Linear", 7), ("attention", 9), ("other", 7))))
+    pairs = list(zip(full["decode"], full["bound pass"]))  # each round's decode and bound pass ran back to back
+    shares = sorted(b["wall"] / d["wall"] for d, b in pairs)
+    ratio = statistics.median(d["Linear"] / b["Linear"] for d, b in pairs)
+    allowed = statistics.median(b["wall"] / 0.9 - d["Linear"] for d, b in pairs)
+    attention, other = median(full["decode"], "attention"), median(full["decode"], "other")
+    warm_attention, warm_other = median(tiny["decode"], "attention"), median(tiny["decode"], "other")
+    print(f"\nshare of the bound (bound pass / decode, per round): median {statistics.median(shares) * 100:.1f}% "
+          f"({' '.join(f'{s * 100:.1f}' for s in shares)})")
+    print(f"the decode's Linear calls take {ratio:.2f}x the bound pass's (median of the rounds' ratios)")
+    print(f"besides its matmuls, a token takes {attention + other:.2f} ms: attention {attention:.2f} "
+          f"({warm_attention:.2f} at the tiny width, warm), everything else {other:.2f} ({warm_other:.2f} warm); "
+          f"{attention - warm_attention + other - warm_other:.2f} ms of it is paid because the weights streamed "
+          f"through the caches")
+    if NATIVE in full:
+        native = sorted(b["wall"] / d["wall"] for d, b in zip(full[NATIVE], full["bound pass"]))
+        print(f"the native decode step (optimize_for_inference(native=True)): median "
+              f"{statistics.median(native) * 100:.1f}% of the bound ({' '.join(f'{s * 100:.1f}' for s in native)}), "
+              f"{median(full['decode'], 'wall') - median(full[NATIVE], 'wall'):.2f} ms per token less than the "
+              f"Python steps")
+    print(f"90% of the bound leaves {allowed:.2f} ms per token for everything but the matmuls (median over the "
+          f"rounds of bound pass / 0.9 - the decode's Linear time), against {attention + other:.2f}")
 
 
 if __name__ == "__main__":
