@@ -186,6 +186,9 @@ def native_step(model: nn.Module) -> Step | None:
         b, s = in_idx.shape
         if (cache is None or not last_only or (s > 1 and cache.length > 0) or torch.is_grad_enabled()
                 or cache.length + s > cache.max_length or len(cache.layers) != n_layers):
+            if cache is None and bound[0] is not None:  # generate dropped its cache: let its storage go
+                decoder.set_cache([], [])
+                bound[:] = [None, None]
             return fallback(in_idx, cache=cache, last_only=last_only)
         first = cache.layers[0].k
         if cache is not bound[0] or first is not bound[1] or first.shape[0] != b:

@@ -45,9 +45,10 @@ class GPT2Decoder {
     TORCH_CHECK(params_.size() == kPerLayer * (eps_.size() - 1) / 2 + 6, "GPT2Decoder: params do not match eps");
   }
 
-  // The (b, h, max_length, d) key and value storage of each layer, kept until the next call.
+  // The (b, h, max_length, d) key and value storage of each layer, kept until the next call (empty
+  // lists: let the storage go).
   void set_cache(std::vector<Tensor> k_cache, std::vector<Tensor> v_cache) {
-    TORCH_CHECK(k_cache.size() * 2 + 1 == eps_.size() && v_cache.size() == k_cache.size(),
+    TORCH_CHECK((k_cache.empty() || k_cache.size() * 2 + 1 == eps_.size()) && v_cache.size() == k_cache.size(),
                 "GPT2Decoder: one key and one value storage per layer");
     k_cache_ = std::move(k_cache);
     v_cache_ = std::move(v_cache);
@@ -57,6 +58,7 @@ class GPT2Decoder {
   // writes their keys and values at [start, start + s). The caller guarantees s == 1 or start == 0
   // and start + s <= max_length.
   Tensor step(const Tensor& idx, int64_t start) const {
+    TORCH_CHECK(!k_cache_.empty(), "GPT2Decoder: set_cache first");
     c10::InferenceMode guard;
     const auto& p = params_;
     const int64_t b = idx.size(0), s = idx.size(1), end = start + s;
