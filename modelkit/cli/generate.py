@@ -54,7 +54,7 @@ def add_parser(sub: Any) -> None:
                    help="move the weights to 2 MiB pages first (Linux; ~1 s for gpt2-small, then ~4-6%% faster "
                         "decoding: worth it for thousands of tokens; see modelkit.hugepages)")
     p.add_argument("--native", action="store_true",
-                   help="decode with the native (C++) step: GPT-2's composition only, same tokens, ~6%% faster "
+                   help="decode with the native (C++) step: GPT-2's composition only, same tokens, 6-12%% faster "
                         "per token for gpt2-small here; compiled on first use (~20 s; needs a C++ compiler and "
                         "ninja: pip install 'modelkit[native]'), then cached (see modelkit.native)")
     p.set_defaults(func=run)
