@@ -178,7 +178,7 @@ def native_step(model: nn.Module) -> Step | None:
         return None
     params, eps, heads, post, algorithm = found
     decoder = native_extension().GPT2Decoder(params, eps, heads, post, algorithm)
-    fallback: Callable[..., Tensor] = step_of(model)
+    python_step: list[Callable[..., Tensor]] = []  # the Python steps, built when a call first needs them
     n_layers, head_dim = len(eps) // 2, params[-1].shape[1] // heads  # eps: two norms per layer, then one
     bound: list[Any] = [None, None]  # the cache whose storage the decoder holds, and its first key storage
 
@@ -189,7 +189,9 @@ def native_step(model: nn.Module) -> Step | None:
             if cache is None and bound[0] is not None:  # generate dropped its cache: let its storage go
                 decoder.set_cache([], [])
                 bound[:] = [None, None]
-            return fallback(in_idx, cache=cache, last_only=last_only)
+            if not python_step:
+                python_step.append(step_of(model))
+            return python_step[0](in_idx, cache=cache, last_only=last_only)
         first = cache.layers[0].k
         if cache is not bound[0] or first is not bound[1] or first.shape[0] != b:
             probe = params[-1].new_empty(b, heads, 0, head_dim)  # shaped like the new keys and values

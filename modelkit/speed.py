@@ -132,7 +132,7 @@ def optimize_for_inference(
     - ``native``: decode with the native step (:mod:`modelkit.native`): ``generate`` runs each cached
       step of the GPT-2 composition as one C++ call (the same kernels, logits equal bit for bit),
       without the Python between the kernels, which runs with cold caches in every layer. Compiled
-      here on first use (a C++ compiler and ninja: ``pip install 'modelkit[native]'``; ~30-60 s on
+      here on first use (a C++ compiler and ninja: ``pip install 'modelkit[native]'``; ~20 s on
       2 cores, then cached by PyTorch). Raises :class:`~modelkit.native.NativeBuildError` when it
       cannot be built, ``ValueError`` when the model is not that composition (the message says
       which part) or with ``compile``. Measured: see ``benchmarks/RESULTS.md``.

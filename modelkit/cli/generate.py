@@ -64,9 +64,7 @@ def load_checkpoint_model(path: str, config: str | None) -> GPTModel:
     """The model saved in ``path``: a modelkit checkpoint (its own spec), or, with ``config``, the
     book's ``torch.save(model.state_dict())`` file loaded into that spec (:mod:`modelkit.checkpoint`)."""
     try:
-        from .. import (
-            checkpoint,  # the checkpoint feature; imported only when a checkpoint is asked for
-        )
+        from .. import checkpoint  # the checkpoint feature; imported only when a checkpoint is asked for
     except ModuleNotFoundError as exc:
         if exc.name != "modelkit.checkpoint":
             raise
@@ -123,9 +121,7 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = get_tokenizer()
     model = load_model(args)
     from ..native import NativeBuildError
-    from ..speed import (
-        optimize_for_inference,  # dtype, int8, and the decode-friendly weight layout
-    )
+    from ..speed import optimize_for_inference  # dtype, int8, and the decode-friendly weight layout
 
     try:
         model = optimize_for_inference(model, dtype=args.dtype, quantize=args.quantize, huge_pages=args.huge_pages,
