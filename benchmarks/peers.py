@@ -538,14 +538,13 @@ def bench_decode(rep: Report, models: dict[str, nn.Module], reps: Reps) -> tuple
         shares = adjacent_shares(fns[bound_name], {name: fns[name] for name in ("modelkit", NATIVE, NATIVE_HUGE, COMPILED,
                                                                               HANDWRITTEN, HUGE) if name in fns}, reps.share)
     share, compiled_share, hand_share = (statistics.median(shares[n]) for n in ("modelkit", COMPILED, HANDWRITTEN))
-    huge_note = ""
-    if HUGE in shares:
-        huge_share = statistics.median(shares[HUGE])
-        huge_note = (f"; with its weights on huge pages (`optimize_for_inference(huge_pages=True)`, opt-in) "
-                     f"{huge_share * 100:.0f}% (rounds {shares[HUGE][0] * 100:.0f}-{shares[HUGE][-1] * 100:.0f}%)")
+
     def median_and_rounds(name: str) -> str:
         return f"{statistics.median(shares[name]) * 100:.0f}% (rounds {shares[name][0] * 100:.0f}-{shares[name][-1] * 100:.0f}%)"
 
+    huge_note = ("" if HUGE not in shares else
+                 f"; with its weights on huge pages (`optimize_for_inference(huge_pages=True)`, opt-in) "
+                 f"{median_and_rounds(HUGE)}")
     native_share = statistics.median(shares[NATIVE]) if NATIVE in shares else None
     native_huge_share = statistics.median(shares[NATIVE_HUGE]) if NATIVE_HUGE in shares else None
     native_note = "" if native_share is None else (

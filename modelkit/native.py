@@ -197,7 +197,7 @@ def native_step(model: nn.Module) -> Step | None:
             probe = params[-1].new_empty(b, heads, 0, head_dim)  # shaped like the new keys and values
             stores = [layer.storage(probe, probe) for layer in cache.layers]
             decoder.set_cache([k for k, _ in stores], [v for _, v in stores])
-            bound[:] = [cache, cache.layers[0].k]
+            bound[:] = [cache, stores[0][0]]
         logits = decoder.step(in_idx, cache.length)
         cache.advance(s)
         return logits

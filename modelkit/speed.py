@@ -152,6 +152,9 @@ def optimize_for_inference(
         raise ValueError(f"unknown linear_kernel '{linear_kernel}' (known: {', '.join(KERNELS)})")
     if weight_layout not in LAYOUTS:
         raise ValueError(f"unknown weight_layout '{weight_layout}' (known: {', '.join(LAYOUTS)})")
+    if native and compile:
+        raise ValueError("native=True and compile=True exclude each other: the native step replaces the "
+                         "Python that compile would trace")
     model.eval()
     if dtype is not None:
         if not dtype.is_floating_point:
@@ -174,9 +177,6 @@ def optimize_for_inference(
     if huge_pages:
         advise_huge_pages_(model_tensors(model))
     if native:
-        if compile:
-            raise ValueError("native=True and compile=True exclude each other: the native step replaces the "
-                             "Python that compile would trace")
         from .native import (
             native_extension,
             native_unsupported_reason,
