@@ -5,7 +5,11 @@ The small public API::
     from modelkit import load_spec, build_model, GPTModel, SpecError, count_parameters, register
 """
 
-from .builder import build_model
+from .cpu import apply_forced_capability
+
+apply_forced_capability()  # MODELKIT_CPU_CAPABILITY: before any kernel runs (see modelkit.cpu)
+
+from .builder import build_model  # noqa: E402
 from .checkpoint import load_book_checkpoint, load_checkpoint, read_checkpoint, save_checkpoint
 from .errors import CheckpointError, GenerationError, PluginError, RegistryError, SpecError
 from .generation import generate, stream_generate

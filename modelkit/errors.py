@@ -80,3 +80,8 @@ class CheckpointError(ValueError):
 
 class GenerationError(ValueError):
     """Arguments to text generation are invalid (empty prompt, bad temperature, out-of-vocab ids...)."""
+
+
+class SpeedOptionError(ValueError):
+    """A speed option cannot run on this machine: the CPU lacks the instruction set its kernel needs, or
+    the kernel's build is missing. The message names the option and what is missing."""

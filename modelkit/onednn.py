@@ -35,32 +35,54 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["OneDNNLinear", "OneDNNLinearActivation", "StackedLinears", "apply_linears", "fuse_linear_activations_",
-           "linears_step", "onednn_applies", "onednn_linear", "onednn_linear_available", "stack_linears", "use_onednn_linear_"]
+           "linears_step", "onednn_applies", "onednn_dtypes", "onednn_linear", "onednn_linear_available",
+           "stack_linears", "use_onednn_linear_"]
 
-_DTYPES = (torch.float32, torch.bfloat16)
+#: The dtypes whose Linear products the oneDNN op computes correctly on this CPU: set by the probe in
+#: :func:`onednn_dtypes` (empty until then, so a layer used before any probe takes ``F.linear``).
+_DTYPES: frozenset[torch.dtype] = frozenset()
+_CANDIDATES = (torch.float32, torch.bfloat16)
+
+
+def _products_correct(op: Callable[..., Tensor], dtype: torch.dtype) -> bool:
+    """Whether ``op`` computes a layer's three products (forward, and both gradients, with the strided
+    operands they use) in ``dtype`` like ``F.linear`` in float32 on bf16-exact inputs."""
+    gen = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*shape, generator=gen).to(dtype) for shape in ((3, 40), (24, 40), (24,)))
+    tol = {"atol": 1e-4, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.1, "rtol": 2e-2}
+    try:
+        with torch.no_grad():  # the three products a layer needs: forward, and both gradients (strided)
+            g = (x.float() @ w.float().t()).to(dtype)  # stands for the gradient of the output
+            checks = ((op(x, w, b, "none", [], ""), F.linear(x.float(), w.float(), b.float())),
+                      (op(g, w.t(), None, "none", [], ""), g.float() @ w.float()),
+                      (op(g.t(), x.t(), None, "none", [], ""), g.float().t() @ x.float()))
+            return all(out.dtype == dtype and torch.allclose(out.float(), ref, **tol) for out, ref in checks)
+    except (RuntimeError, TypeError):  # e.g. "could not create a primitive descriptor": no kernel for this ISA
+        return False
 
 
 @functools.cache
-def onednn_linear_available() -> bool:
-    """True when this PyTorch build has the oneDNN linear op and it computes a layer's forward and
-    gradient products correctly on a small probe (checked once per process)."""
+def onednn_dtypes() -> frozenset[torch.dtype]:
+    """The dtypes (of float32 and bfloat16) in which this PyTorch's oneDNN linear op computes a layer's
+    forward and gradient products correctly on this CPU (probed once per process, on tiny matrices).
+
+    bfloat16 needs an ISA with oneDNN bf16 kernels (AVX-512, AVX2-VNNI-2 or AMX): on an AVX2 CPU,
+    or under ``MODELKIT_CPU_CAPABILITY=avx2``, only float32 is here (see :mod:`modelkit.cpu`).
+    """
+    global _DTYPES
     op = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
     if op is None or not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        gen = torch.Generator().manual_seed(0)
-        x, w, b = torch.randn(3, 40, generator=gen), torch.randn(24, 40, generator=gen), torch.randn(24, generator=gen)
-        with torch.no_grad():  # the three products a layer needs: forward, and both gradients (strided)
-            g = x @ w.t()  # stands for the gradient of the output
-            checks = ((op(x, w, b, "none", [], ""), F.linear(x, w, b)),
-                      (op(g, w.t(), None, "none", [], ""), g @ w),
-                      (op(g.t(), x.t(), None, "none", [], ""), g.t() @ x))
-            if not all(torch.allclose(out, ref, atol=1e-4, rtol=1e-5) for out, ref in checks):
-                return False
-    except (RuntimeError, TypeError):
-        return False
-    _register_compiled_op()
-    return True
+        return frozenset()
+    _DTYPES = frozenset(dtype for dtype in _CANDIDATES if _products_correct(op, dtype))
+    if _DTYPES:
+        _register_compiled_op()
+    return _DTYPES
+
+
+def onednn_linear_available(dtype: torch.dtype = torch.float32) -> bool:
+    """True when this PyTorch build has the oneDNN linear op and it computes a layer's forward and
+    gradient products correctly in ``dtype`` on this CPU (see :func:`onednn_dtypes`)."""
+    return dtype in onednn_dtypes()
 
 
 def _register_compiled_op() -> None:
@@ -117,9 +139,9 @@ class _LinearFunction(torch.autograd.Function):
 
 
 def onednn_applies(x: Tensor, w: Tensor) -> bool:
-    """Whether the oneDNN op may compute ``x @ wᵀ``: CPU tensors of one dtype, float32 or bfloat16, no
-    autocast (it would change the dtype). Availability (:func:`onednn_linear_available`) is the
-    caller's to check."""
+    """Whether the oneDNN op may compute ``x @ wᵀ``: CPU tensors of one dtype that the probe found
+    oneDNN computing correctly here (:func:`onednn_dtypes`; False before it ran), no autocast (it
+    would change the dtype)."""
     return x.is_cpu and x.dtype == w.dtype and x.dtype in _DTYPES and not torch.is_autocast_enabled("cpu")
 
 
@@ -153,8 +175,7 @@ class OneDNNLinear(nn.Linear):
         """``forward`` for inference (:mod:`modelkit.plan`): the checks on the weight made once, the
         input's dtype and device and the grad mode checked per call (anything else: ``forward``)."""
         w, b = self.weight, self.bias
-        if not (w.is_cpu and w.dtype in _DTYPES and (w.is_contiguous() or w.t().is_contiguous())
-                and onednn_linear_available()):
+        if not (w.is_cpu and onednn_linear_available(w.dtype) and (w.is_contiguous() or w.t().is_contiguous())):
             return None
         op, dtype, forward = torch.ops.mkldnn._linear_pointwise, w.dtype, self.forward
         name, algorithm = self.post_op
@@ -182,9 +203,10 @@ def use_onednn_linear_(model: nn.Module) -> int:
     """Replace every plain ``nn.Linear`` of ``model`` (in place) by a :class:`OneDNNLinear`.
 
     Parameters are shared, not copied: names, values, ties and the state dict are unchanged.
-    Returns how many layers were replaced (0 when :func:`onednn_linear_available` is False).
+    Returns how many layers were replaced (0 when the oneDNN op works in no dtype here,
+    :func:`onednn_dtypes`). A layer whose dtype oneDNN cannot compute here runs ``F.linear``.
     """
-    if not onednn_linear_available():
+    if not onednn_dtypes():
         return 0
     replaced = 0
     for parent in list(model.modules()):
@@ -327,7 +349,7 @@ class StackedLinears:
         if any(type(m) is not OneDNNLinear or m._forward_hooks or m._forward_pre_hooks for m in layers):
             return False
         return not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
-                    or torch.is_autocast_enabled("cpu")) and onednn_linear_available()
+                    or torch.is_autocast_enabled("cpu")) and onednn_linear_available(self.weight.dtype)
 
     def __call__(self, x: Tensor, layers: tuple[nn.Module, ...]) -> list[Tensor] | None:
         """``[layer(x) for layer in layers]`` from one matmul, or None: the caller calls the layers."""

@@ -10,7 +10,8 @@ are not quantised. Few rows (decoding: ``<= SMALL_BATCH`` rows) use PyTorch's in
 (``aten._weight_int8pack_mm``) with bf16 activations, the fast CPU path; more rows (prefill,
 scoring), other devices, and ``in_features`` that are not a multiple of 16 (the kernel's block: it
 crashes or miscomputes otherwise, torch 2.13) dequantise the weight to the activations' dtype and run
-an ordinary matmul (oneDNN's on the CPU in inference, see :mod:`modelkit.onednn`). An fp32 model
+an ordinary matmul (oneDNN's on the CPU in inference, see :mod:`modelkit.onednn`), and so does a
+CPU where the kernel does not work (:func:`int8_kernel_available`, probed once). An fp32 model
 therefore sees bf16-rounded activations in its decode matmuls only.
 
 A quantised model is for inference: it has no float weights to train, and its state dict holds
@@ -18,6 +19,8 @@ A quantised model is for inference: it has no float weights to train, and its st
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -30,12 +33,31 @@ from .onednn import (
     onednn_linear_available,
 )
 
-__all__ = ["SMALL_BATCH", "Int8Linear", "quantize_int8_", "quantize_weight_int8"]
+__all__ = ["SMALL_BATCH", "Int8Linear", "int8_kernel_available", "quantize_int8_", "quantize_weight_int8"]
 
 #: Up to this many rows (tokens) per call, Int8Linear uses the int8 matmul kernel; above it, the
 #: weight is dequantised and a float matmul runs (measured crossover on an AVX-512 CPU: 16-64 rows).
 SMALL_BATCH = 16
 _KERNEL_BLOCK = 16  # aten._weight_int8pack_mm needs in_features % 16 == 0 on CPU
+
+
+@functools.cache
+def int8_kernel_available() -> bool:
+    """Whether PyTorch's int8 weight kernel (``aten._weight_int8pack_mm``) exists and computes a small
+    product correctly on this CPU (probed once per process). Without it, :class:`Int8Linear`
+    dequantises its weight for every call: the same numbers up to rounding, none of the speed."""
+    op = getattr(torch.ops.aten, "_weight_int8pack_mm", None)
+    if op is None:
+        return False
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 32, generator=gen).to(torch.bfloat16)
+    q, scale = quantize_weight_int8(torch.randn(8, 32, generator=gen))
+    try:
+        out = op(x, q, scale.to(torch.bfloat16)).float()
+    except (RuntimeError, NotImplementedError):
+        return False
+    ref = x.float() @ (q.float() * scale.to(torch.bfloat16).float()[:, None]).t()
+    return torch.allclose(out, ref, rtol=2e-2, atol=5e-2)
 
 
 def quantize_weight_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -86,14 +108,14 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.numel() // self.in_features if self.in_features else 0
-        if rows <= SMALL_BATCH and self._kernel_ok and x.device.type == "cpu":
+        if rows <= SMALL_BATCH and self._kernel_ok and x.device.type == "cpu" and int8_kernel_available():
             x2 = x.reshape(rows, self.in_features).to(torch.bfloat16)
             y = torch.ops.aten._weight_int8pack_mm(x2, self.weight_int8, self.scale.to(torch.bfloat16))
             y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias.to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         weight = self.dequantized_weight(x.dtype)
-        if not torch.is_grad_enabled() and onednn_applies(x, weight) and onednn_linear_available():
+        if not torch.is_grad_enabled() and onednn_linear_available(x.dtype) and onednn_applies(x, weight):
             return onednn_linear(x, weight, bias)
         return F.linear(x, weight, bias)
 

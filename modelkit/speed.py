@@ -9,11 +9,17 @@ layout, threads, huge pages and compile leave them as they are. The figures for 
 
 from __future__ import annotations
 
+import functools
+import os
 from typing import Literal, TypeVar
 
 import torch
 from torch import nn
 
+from torch import Tensor
+
+from .cpu import aten_linear_works, cpu_info, forced_capability_problem
+from .errors import SpeedOptionError
 from .hugepages import advise_huge_pages_, model_tensors
 from .onednn import (
     StackedLinearsCheck,
@@ -23,7 +29,8 @@ from .onednn import (
     use_onednn_linear_,
 )
 
-__all__ = ["DTYPES", "KERNELS", "LAYOUTS", "QUANTIZE", "optimize_for_inference", "parse_dtype", "set_weight_layout_"]
+__all__ = ["DTYPES", "KERNELS", "LAYOUTS", "QUANTIZE", "kernel_report", "native_build_problem", "optimize_for_inference",
+           "parse_dtype", "set_weight_layout_"]
 
 #: dtype names accepted by :func:`parse_dtype` (and the CLI's ``--dtype``).
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -34,6 +41,9 @@ QUANTIZE = ("none", "int8")
 LAYOUTS = ("auto", "rows", "columns")
 #: values of ``linear_kernel``.
 KERNELS = ("auto", "aten", "onednn")
+
+#: What oneDNN needs for bfloat16 (and float16) Linear kernels, in oneDNN's ISA names.
+ONEDNN_BF16_ISAS = "avx512_core, avx2_vnni_2 or AMX"
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -81,10 +91,42 @@ def _auto_layout(model: nn.Module) -> Literal["rows", "columns"]:
     return "rows"
 
 
+def _first_linear_weight(model: nn.Module) -> Tensor | None:
+    return next((m.weight for m in model.modules() if type(m) is nn.Linear), None)
+
+
 def _onednn_suits(model: nn.Module) -> bool:
-    weight = next((m.weight for m in model.modules() if type(m) is nn.Linear), None)
-    return (weight is not None and weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
-            and onednn_linear_available())
+    """Whether ``linear_kernel="auto"`` puts the model's Linear layers on oneDNN: CPU weights in a
+    dtype that oneDNN computes correctly on this CPU (bfloat16 needs AVX-512, AVX2-VNNI-2 or AMX)."""
+    weight = _first_linear_weight(model)
+    return weight is not None and weight.device.type == "cpu" and onednn_linear_available(weight.dtype)
+
+
+def _onednn_missing(dtype: torch.dtype) -> str:
+    """Why oneDNN has no ``dtype`` Linear here, naming the instruction sets (for error messages)."""
+    if not onednn_linear_available(torch.float32):
+        return "this PyTorch build has no working oneDNN linear op"
+    isa = cpu_info().onednn_isa or "unknown"
+    return (f"oneDNN has no {str(dtype).removeprefix('torch.')} inner product for this CPU's instruction set, "
+            f"{isa} (it needs {ONEDNN_BF16_ISAS})")
+
+
+def _check_cpu_runs(model: nn.Module, dtype: torch.dtype | None, linear_kernel: str, compile: bool) -> None:
+    """Raise :class:`SpeedOptionError`, naming what this CPU lacks, when a chosen option has no kernel
+    that works here: no Linear kernel for ``dtype``, no oneDNN one with ``linear_kernel="onednn"``, or
+    no Inductor code with ``compile``. A model off the CPU is not this check's business."""
+    weight = _first_linear_weight(model)
+    if weight is None or weight.device.type != "cpu":
+        return
+    dtype = dtype or weight.dtype
+    name = str(dtype).removeprefix("torch.")
+    if dtype != torch.float32 and not (onednn_linear_available(dtype) or aten_linear_works(dtype)):
+        raise SpeedOptionError(f"dtype {name}: no Linear kernel works on this CPU: {_onednn_missing(dtype)}, "
+                               "and PyTorch's F.linear failed; use float32")
+    if linear_kernel == "onednn" and not onednn_linear_available(dtype):
+        raise SpeedOptionError(f"linear_kernel='onednn': {_onednn_missing(dtype)}; use linear_kernel='auto'")
+    if compile and inductor_cpu_problem() is not None:
+        raise SpeedOptionError(f"compile=True: {inductor_cpu_problem()}; use compile=False")
 
 
 def optimize_for_inference(
@@ -140,6 +182,9 @@ def optimize_for_inference(
     The weights' state-dict names are kept unless ``quantize`` is set (see :mod:`modelkit.quantize`).
     Forward hooks registered on Linear layers are not carried over to the replaced layers.
     """
+    problem = forced_capability_problem()
+    if problem is not None:
+        raise SpeedOptionError(problem)
     if threads is not None:
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
@@ -155,17 +200,16 @@ def optimize_for_inference(
     if native and compile:
         raise ValueError("native=True and compile=True exclude each other: the native step replaces the "
                          "Python that compile would trace")
+    if dtype is not None and not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating point dtype, got {dtype}")
+    _check_cpu_runs(model, dtype, linear_kernel, compile)  # before the model is touched
     model.eval()
     if dtype is not None:
-        if not dtype.is_floating_point:
-            raise ValueError(f"dtype must be a floating point dtype, got {dtype}")
         model.to(dtype)
     if quantize == "int8":  # int8 layers keep their own layout
         from .quantize import quantize_int8_
 
         quantize_int8_(model)
-    if linear_kernel == "onednn" and not onednn_linear_available():
-        raise ValueError("linear_kernel='onednn' needs a PyTorch build with oneDNN (torch.ops.mkldnn._linear_pointwise)")
     if linear_kernel == "onednn" or (linear_kernel == "auto" and _onednn_suits(model)):
         use_onednn_linear_(model)
         fuse_linear_activations_(model)
@@ -200,3 +244,60 @@ def optimize_for_inference(
                 model.register_forward_pre_hook(StackedLinearsCheck(groups))
         return torch.compile(model)  # type: ignore[return-value]  # an OptimizedModule wrapping model
     return model
+
+
+@functools.cache
+def inductor_cpu_problem() -> str | None:
+    """Why ``torch.compile`` cannot compile a model for this CPU, or None. PyTorch's Inductor writes C++
+    for the CPU's vector instruction set; without one (a CPU below AVX2, or
+    ``MODELKIT_CPU_CAPABILITY=default``) its scalar code for the norms' reductions does not compile
+    (torch 2.13: "'at::vec' has not been declared"). Checked once per process, on first use."""
+    try:
+        from torch._inductor.cpu_vec_isa import pick_vec_isa
+    except ImportError:  # another PyTorch: let compile speak for itself
+        return None
+    if pick_vec_isa():
+        return None
+    return (f"PyTorch's Inductor has no vector instruction set for this CPU (PyTorch kernels: "
+            f"{torch.backends.cpu.get_cpu_capability()}), and its scalar C++ for GPT blocks does not compile")
+
+
+def native_build_problem() -> str | None:
+    """Why the native decode step could not be built here (no oneDNN, no ninja, no C++ compiler), or
+    None when it can be (cheap: nothing is compiled)."""
+    import shutil
+
+    if not onednn_linear_available(torch.float32):
+        return "it runs oneDNN float32 kernels, and this PyTorch build has no working oneDNN linear op"
+    from torch.utils.cpp_extension import is_ninja_available
+
+    if not is_ninja_available():
+        return "ninja is not installed (pip install 'modelkit[native]')"
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler ({compiler}) on PATH"
+    return None
+
+
+def kernel_report() -> list[tuple[str, str]]:
+    """Which kernel each CPU speed option uses on this machine, as (option, kernel and why) rows, for
+    ``modelkit info --device``. Runs the once-per-process kernel probes (a few milliseconds)."""
+    from .quantize import SMALL_BATCH, int8_kernel_available
+
+    fp32 = onednn_linear_available(torch.float32)
+    rows = [("float32 Linear", "oneDNN (linear_kernel=auto)" if fp32 else "PyTorch F.linear: no working oneDNN linear op")]
+    if onednn_linear_available(torch.bfloat16):
+        bf16 = "oneDNN (linear_kernel=auto)"
+    elif aten_linear_works(torch.bfloat16):
+        bf16 = f"PyTorch F.linear (slower than float32): {_onednn_missing(torch.bfloat16)}"
+    else:
+        bf16 = f"none: {_onednn_missing(torch.bfloat16)}, and PyTorch's F.linear fails (--dtype bfloat16 exits 2)"
+    rows.append(("bfloat16 Linear (--dtype)", bf16))
+    int8 = (f"aten._weight_int8pack_mm up to {SMALL_BATCH} rows, dequantised float matmul above"
+            if int8_kernel_available() else "dequantised float matmul: aten._weight_int8pack_mm does not work here")
+    rows.append(("int8 Linear (--quantize)", int8))
+    problem = native_build_problem()
+    rows.append(("native decode step (--native)", f"unavailable: {problem}" if problem else
+                 "available (float32, GPT-2's composition on oneDNN; compiled on first use, then cached)"))
+    rows.append(("weight layout (auto)", "columns for float32 CPU weights, rows otherwise"))
+    return rows

@@ -14,10 +14,13 @@ from torch import nn
 
 from modelkit import build_model
 from modelkit.cli import main
+from modelkit.errors import SpeedOptionError
 from modelkit.generation import generate
 from modelkit.onednn import onednn_linear_available
 from modelkit.quantize import SMALL_BATCH, Int8Linear, quantize_int8_, quantize_weight_int8
 from modelkit.speed import optimize_for_inference, parse_dtype, set_weight_layout_
+
+pytestmark = pytest.mark.speed
 
 # emb_dim 32 (a multiple of 16) takes the int8 kernel when decoding; 97 in-features take the fallback.
 CFG = tiny_cfg(vocab_size=97, emb_dim=32, context_length=32, qkv_bias=True)
@@ -195,6 +198,10 @@ def test_tied_head_keeps_the_embeddings_layout():
 def test_optimize_for_inference_picks_the_decode_layout_for_the_kernel(dtype, kernel, layout):
     if kernel == "onednn" and not onednn_linear_available():
         pytest.skip("this PyTorch build has no oneDNN linear op")
+    if kernel == "onednn" and dtype == "bf16" and not onednn_linear_available(torch.bfloat16):
+        with pytest.raises(SpeedOptionError, match=r"no bfloat16 inner product for this CPU's instruction set, \w+"):
+            optimize_for_inference(fp32_model(), dtype=dtype, linear_kernel=kernel)
+        return
     model = optimize_for_inference(set_weight_layout_(fp32_model(), "columns"), dtype=dtype, linear_kernel=kernel)
     w = model.out_head.weight
     assert (w.t().is_contiguous() and not w.is_contiguous()) if layout == "columns" else w.is_contiguous()

@@ -7,7 +7,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from ..errors import CheckpointError, GenerationError, RegistryError, SpecError
+from ..cpu import forced_capability_problem
+from ..errors import CheckpointError, GenerationError, RegistryError, SpecError, SpeedOptionError
 
 # Command modules, in the order ``modelkit --help`` lists them.
 COMMANDS: tuple[str, ...] = ("info", "spec", "schema", "components", "generate", "train", "compare", "import_hf",
@@ -32,9 +33,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 1 runtime failure, 2 bad input)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    problem = forced_capability_problem()
+    if problem is not None:
+        print(f"modelkit {args.command}: error: {problem}", file=sys.stderr)
+        return 2
     try:
         return int(args.func(args) or 0)
-    except (SpecError, RegistryError, CheckpointError, GenerationError) as exc:
+    except (SpecError, RegistryError, CheckpointError, GenerationError, SpeedOptionError) as exc:
         print(f"modelkit {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -21,12 +21,19 @@ from ._table import format_table
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("info", help="parameter counts, memory and module summary of a spec",
+    p = sub.add_parser("info", help="parameter counts, memory and module summary of a spec; --device: this CPU's kernels",
                        description="Validate a spec, build it on the meta device (no weights are "
-                                   "allocated) and print its parameter counts, memory and modules.")
-    p.add_argument("config", help="a JSON spec file, or a modelkit checkpoint (.safetensors; only its header is read)")
+                                   "allocated) and print its parameter counts, memory and modules. With "
+                                   "--device, print what modelkit detected about this CPU (instruction sets, "
+                                   "PyTorch's and oneDNN's kernel level) and which kernel each speed option "
+                                   "(--dtype, --quantize, --native) will use here. MODELKIT_CPU_CAPABILITY="
+                                   "default|avx2|avx512 makes modelkit run as on a CPU with at most that "
+                                   "instruction set (see modelkit.cpu).")
+    p.add_argument("config", nargs="?",
+                   help="a JSON spec file, or a modelkit checkpoint (.safetensors; only its header is read)")
+    p.add_argument("--device", action="store_true", help="this CPU's instruction sets and the kernels each speed option uses")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, parser=p)
 
 
 def describe_component(ref: ComponentSpec) -> str:
@@ -69,7 +76,44 @@ def checkpoint_report(info: CheckpointInfo) -> dict[str, Any]:
     }
 
 
+def device_report() -> dict[str, Any]:
+    """What ``modelkit info --device`` prints: the CPU as detected and the kernel of each speed option."""
+    from ..cpu import cpu_info
+    from ..speed import kernel_report
+
+    return {"cpu": cpu_info().to_dict(), "kernels": dict(kernel_report())}
+
+
+def print_device_report(report: dict[str, Any]) -> None:
+    cpu = report["cpu"]
+    print(f"CPU:                {cpu['model']} ({cpu['machine']}), {cpu['threads']} torch threads")
+    print(f"instruction sets:   {' '.join(cpu['flags']) or 'unknown (no /proc/cpuinfo)'}")
+    print(f"PyTorch kernels:    {cpu['aten_capability']} (torch.backends.cpu.get_cpu_capability())")
+    print(f"oneDNN kernels:     up to {cpu['onednn_isa'] or 'unknown'}")
+    forced = ", ".join(f"{k}={v}" for k, v in cpu["env"].items())
+    print(f"forced by:          {forced or 'nothing (MODELKIT_CPU_CAPABILITY, ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA unset)'}")
+    print()
+    print(format_table(["speed option", "kernel on this CPU"], list(report["kernels"].items()), numeric=[False, False]))
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.config is None and not args.device:
+        args.parser.error("give a spec or checkpoint to describe (CONFIG), or --device")
+    if args.device:
+        report = device_report()
+        if args.json and args.config is None:
+            print(json.dumps(report, indent=2))
+            return 0
+        if not args.json:
+            print_device_report(report)
+        if args.config is None:
+            return 0
+        if not args.json:
+            print()
+    return _run_config(args)
+
+
+def _run_config(args: argparse.Namespace) -> int:
     is_ckpt = Path(args.config).suffix == ".safetensors" or is_checkpoint_file(args.config)
     ckpt = read_checkpoint(args.config) if is_ckpt else None
     spec = ckpt.spec if ckpt is not None else load_spec(args.config)
