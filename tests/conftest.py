@@ -23,6 +23,28 @@ def tiny_cfg(**overrides: Any) -> dict[str, Any]:
     return cfg
 
 
+def pytest_report_header(config: pytest.Config) -> str:
+    """The CPU the suite runs on and what PyTorch and oneDNN use on it (CI logs show which paths ran)."""
+    from modelkit.cpu import cpu_info
+
+    info = cpu_info()
+    forced = f"; forced: MODELKIT_CPU_CAPABILITY={info.forced}" if info.forced else ""
+    return (f"modelkit CPU: {info.model}; flags: {' '.join(info.shown_flags) or 'unknown'}; PyTorch kernels "
+            f"{info.aten_capability}, oneDNN up to {info.onednn_isa}{forced}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Refuse a forced pass that did not take (a kernel ran before modelkit set the variables): it would
+    test nothing new."""
+    from modelkit.cpu import CAPABILITIES, cpu_info
+
+    info = cpu_info()
+    levels = list(CAPABILITIES)  # lowest first
+    running = info.aten_capability.lower()
+    if info.forced and running in levels and levels.index(running) > levels.index(info.forced):
+        raise pytest.UsageError(f"MODELKIT_CPU_CAPABILITY={info.forced} did not take: PyTorch runs {running} kernels")
+
+
 @pytest.fixture
 def tiny() -> dict[str, Any]:
     return tiny_cfg()

@@ -15,6 +15,8 @@ from modelkit import build_model, generate
 from modelkit.cli import main
 from modelkit.speed import optimize_for_inference
 
+pytestmark = pytest.mark.speed
+
 
 def kernel_huge_kb(ptr: int) -> int:
     """AnonHugePages of the mapping holding address ``ptr``, as /proc/self/smaps reports it."""

@@ -13,7 +13,8 @@ from modelkit.plan import step_of
 from modelkit.speed import optimize_for_inference
 from modelkit.testing import tiny_model_spec
 
-pytestmark = pytest.mark.skipif(not onednn_linear_available(), reason="needs PyTorch's oneDNN linear op")
+pytestmark = [pytest.mark.speed,
+              pytest.mark.skipif(not onednn_linear_available(), reason="needs PyTorch's oneDNN linear op")]
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -15,6 +15,8 @@ from modelkit.plan import identity_step, step_of
 from modelkit.speed import optimize_for_inference
 from modelkit.testing import tiny_model_spec
 
+pytestmark = pytest.mark.speed
+
 ONEDNN = onednn_linear_available()
 
 
