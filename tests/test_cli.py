@@ -13,6 +13,7 @@ from conftest import REPO, tiny_cfg
 
 from modelkit import load_spec
 from modelkit.cli import main
+from modelkit.components.kernels import attention_kernel_names
 
 
 def test_info_prints_the_books_figures_for_gpt2_small(capsys):
@@ -59,6 +60,19 @@ def test_components_lists_each_kind_with_parameters_and_source(capsys):
     assert main(["components", "block", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)["components"]["block"]
     assert {c["name"] for c in listed} >= {"pre_norm", "post_norm", "parallel"}
+
+
+def test_components_shows_the_allowed_values_of_a_parameter_that_has_a_set(capsys):
+    kernels = attention_kernel_names()
+    assert len(kernels) >= 2 and "sdpa" in kernels
+    assert main(["components", "attention"]) == 0
+    out = capsys.readouterr().out
+    assert f"backend: {' | '.join(repr(k) for k in kernels)} (default 'sdpa')" in out
+    assert "out_bias: bool (default True)" in out
+    assert main(["components", "attention", "--json"]) == 0
+    (mha,) = [c for c in json.loads(capsys.readouterr().out)["components"]["attention"] if c["name"] == "mha"]
+    params = {p["name"]: p for p in mha["parameters"]}
+    assert params["backend"]["choices"] == kernels and params["out_bias"]["choices"] is None
 
 
 def test_a_bad_config_is_one_clear_message_and_exit_status_2_without_traceback(tmp_path):
