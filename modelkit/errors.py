@@ -80,3 +80,7 @@ class CheckpointError(ValueError):
 
 class GenerationError(ValueError):
     """Arguments to text generation are invalid (empty prompt, bad temperature, out-of-vocab ids...)."""
+
+
+class DeviceError(ValueError):
+    """A ``--device``/``device=`` names no torch device, or one this machine does not have."""

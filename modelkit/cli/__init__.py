@@ -7,7 +7,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from ..errors import CheckpointError, GenerationError, RegistryError, SpecError
+from ..errors import CheckpointError, DeviceError, GenerationError, RegistryError, SpecError
 
 # Command modules, in the order ``modelkit --help`` lists them.
 COMMANDS: tuple[str, ...] = ("info", "spec", "schema", "components", "generate", "train", "compare", "import_hf",
@@ -34,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (SpecError, RegistryError, CheckpointError, GenerationError) as exc:
+    except (SpecError, RegistryError, CheckpointError, GenerationError, DeviceError) as exc:
         print(f"modelkit {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ..builder import build_model
+from ..devices import DEVICE_HELP, resolve_device
 from ..errors import CheckpointError, GenerationError
 from ..generation import check_sampling_args, stream_generate
 from ..model import GPTModel
@@ -42,6 +43,8 @@ def add_parser(sub: Any) -> None:
                    help="sample among the most likely tokens whose probability reaches P (nucleus)")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, metavar="S",
                    help=f"seed for the random weights and for sampling (default {DEFAULT_SEED})")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP + "; the model and the prompt go there first, "
+                   "then the speed options apply (oneDNN, --native and huge pages are the CPU's)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole window at every step")
     p.add_argument("--eos", action="store_true", help="stop at <|endoftext|> (not printed)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
@@ -118,8 +121,9 @@ def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 0:
         raise GenerationError(f"max_new_tokens must be >= 0, got {args.max_new_tokens}")
     check_sampling_args(args.temperature, args.top_k, args.top_p)  # before building anything
+    device = resolve_device(args.device)
     tokenizer = get_tokenizer()
-    model = load_model(args)
+    model = load_model(args).to(device)
     from ..native import NativeBuildError
     from ..speed import optimize_for_inference  # dtype, int8, and the decode-friendly weight layout
 
@@ -135,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
             f"the model has vocab_size {model.spec.vocab_size}, fewer than the GPT-2 tokenizer's "
             f"{tokenizer.n_vocab} tokens; generating text needs vocab_size >= {tokenizer.n_vocab}"
         )
-    idx = text_to_token_ids(args.prompt, tokenizer)
+    idx = text_to_token_ids(args.prompt, tokenizer).to(device)
     eos_id = tokenizer.eot_token if args.eos else None
     out = sys.stdout
     out.write(args.prompt)
