@@ -29,7 +29,7 @@ def test_cuda_takes_the_local_rank_and_must_exist() -> None:
     assert resolve_device("auto", local_rank=1) == torch.device("cuda", 1)
     assert resolve_device("cuda") == torch.device("cuda", 0)
     assert resolve_device("cuda:1", local_rank=0) == torch.device("cuda", 1)
-    with pytest.raises(DeviceError, match=r"device 'cuda:2' asked for, but this machine has 2 CUDA devices \(cuda:0..cuda:1\)"):
+    with pytest.raises(DeviceError, match=r"'cuda:2' asked for, but this machine has 2 CUDA devices \(cuda:0..cuda:1\)"):
         resolve_device("cuda:2")
 
 

@@ -24,7 +24,8 @@ def _describe(entry: ComponentEntry) -> dict[str, Any]:
     choices = entry.choices()
     return {
         "name": entry.name, "summary": entry.summary, "origin": entry.origin, "source": entry.source,
-        "parameters": [{"name": n, "type": t, "default": d, "choices": choices.get(n)} for n, t, d in entry.parameters()],
+        "parameters": [{"name": n, "type": t, "default": d, "choices": choices.get(n)}
+                       for n, t, d in entry.parameters()],
     }
 
 
