@@ -273,7 +273,8 @@ def compare(specs: Sequence[ModelSpec | Mapping[str, Any] | str], options: Compa
     Every variant is built after ``torch.manual_seed(options.seed)``; training uses the same seed,
     data and settings for all. Loss curves and the grad-norm plot go to ``options.out_dir`` if given.
     """
-    from .train import TrainConfig, resolve_device, train
+    from .devices import resolve_device
+    from .train import TrainConfig, train
 
     options = options or CompareOptions()
     if not specs:

@@ -85,3 +85,7 @@ class GenerationError(ValueError):
 class SpeedOptionError(ValueError):
     """A speed option cannot run on this machine: the CPU lacks the instruction set its kernel needs, or
     the kernel's build is missing. The message names the option and what is missing."""
+
+
+class DeviceError(ValueError):
+    """A ``--device``/``device=`` names no torch device, or one this machine does not have."""

@@ -102,12 +102,31 @@ class ComponentEntry:
         doc = inspect.getdoc(self.cls) or ""
         return doc.strip().splitlines()[0] if doc.strip() else ""
 
+    def choices(self) -> dict[str, list[Any]]:
+        """The allowed values of each parameter that has a fixed set (a ``Literal``, an ``Enum``, or an
+        ``enum`` in its JSON schema, such as ``mha``'s ``backend``: the registered attention kernels)."""
+        try:
+            schema = self.params_model.model_json_schema()
+        except Exception:  # a parameter type without a JSON schema: described by its annotation instead
+            return {}
+        defs = schema.get("$defs", {})
+        found = {name: _allowed_values(prop, defs) for name, prop in schema.get("properties", {}).items()
+                 if name not in self.sub_components}
+        return {name: values for name, values in found.items() if values is not None}
+
     def parameters(self) -> list[tuple[str, str, Any]]:
-        """(name, type description, default or "required") for each JSON parameter."""
+        """(name, type description, default or "required") for each JSON parameter.
+
+        A parameter with a fixed set of values is described by them (``'eager' | 'sdpa'``; see
+        :meth:`choices`), any other by its type (``float``, ``int | None``).
+        """
+        choices = self.choices()
         rows = []
         for pname, finfo in self.params_model.model_fields.items():
             if pname in self.sub_components:
                 tname = f"{self.sub_components[pname]} component"
+            elif pname in choices:
+                tname = " | ".join(repr(v) for v in choices[pname])
             else:
                 tname = _type_name(finfo.annotation)
             default = "required" if finfo.is_required() else finfo.default
@@ -137,6 +156,26 @@ def _dist_of(ep: importlib.metadata.EntryPoint) -> tuple[str | None, str | None]
 
 def _is_core(cls: type) -> bool:
     return cls.__module__ == "modelkit" or cls.__module__.startswith("modelkit.")
+
+
+def _allowed_values(prop: Mapping[str, Any], defs: Mapping[str, Any]) -> list[Any] | None:
+    """The values a JSON-schema property allows (``enum``, ``const``, an ``anyOf`` of those and
+    ``null``, through a ``$ref``), or None if it allows any value of its type."""
+    if "$ref" in prop:
+        prop = defs.get(str(prop["$ref"]).rsplit("/", 1)[-1], {})
+    if "enum" in prop:
+        return list(prop["enum"])
+    if "const" in prop:
+        return [prop["const"]]
+    if "anyOf" not in prop:
+        return None
+    values: list[Any] = []
+    for option in prop["anyOf"]:
+        sub = [None] if option.get("type") == "null" else _allowed_values(option, defs)
+        if sub is None:
+            return None
+        values += sub
+    return values
 
 
 def _type_name(annotation: Any) -> str:

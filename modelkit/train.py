@@ -53,6 +53,7 @@ from .data import (
     split_text,
     split_token_ids,
 )
+from .devices import resolve_device  # also modelkit.train.resolve_device, as before
 from .spec import ModelSpec, load_spec
 from .speed import KERNELS
 
@@ -240,22 +241,6 @@ class DistContext:
             import torch.distributed as dist
 
             dist.barrier()
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` → ``cuda:<local_rank>`` if CUDA is available, else CPU; ``cuda`` → ``cuda:<local_rank>``."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise TrainError(f"unknown device '{name}': {exc}") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise TrainError("device 'cuda' asked for, but CUDA is not available; use --device cpu")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-    return device
 
 
 def init_distributed(device_name: str = "auto") -> tuple[DistContext, torch.device]:

@@ -93,8 +93,8 @@ def test_gpt2_small_flops_by_hand():
     assert flops_per_token(spec) == 2 * matmul + 4 * 12 * 1024 * 768 == 284_812_800
 
 
-def test_sizes_by_hand(modelkit_tiny_spec):
-    (report,) = compare([modelkit_tiny_spec(vocab_size=97)], CompareOptions(speed=False))
+def test_sizes_by_hand(modelkit_make_tiny_spec):
+    (report,) = compare([modelkit_make_tiny_spec(vocab_size=97)], CompareOptions(speed=False))
     e, v, c, h = 32, 97, 32, 128
     per_layer = 3 * e * e + (e * e + e) + (e * h + h) + (h * e + e) + 2 * 2 * e
     total = v * e + c * e + 2 * per_layer + 2 * e + e * v

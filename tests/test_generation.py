@@ -324,6 +324,43 @@ def test_cli_reports_bad_input_in_one_line(tiny_config: Path, capsys: pytest.Cap
     assert message in err and "Traceback" not in err
 
 
+SAMPLING = ["--prompt", "Every effort moves you", "--max-new-tokens", "10", "--temperature", "1.4", "--top-k", "25",
+            "--seed", "9"]
+
+
+def test_cli_device_cpu_gives_the_tokens_of_the_default(tiny_config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", "--config", str(tiny_config), *SAMPLING]) == 0
+    default = capsys.readouterr().out
+    assert main(["generate", "--config", str(tiny_config), *SAMPLING, "--device", "cpu"]) == 0
+    assert capsys.readouterr().out == default
+    assert len(default.split()) > 4  # the prompt and generated text
+
+
+@pytest.mark.parametrize(("device", "message"), [
+    ("cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}",
+     "but CUDA is not available; use --device cpu" if not torch.cuda.is_available() else "CUDA device"),
+    ("gpu", "unknown device 'gpu'; use auto, cpu, cuda, cuda:N or mps"),
+    ("meta", "device 'meta' holds no data"),
+])
+def test_cli_a_device_this_machine_lacks_is_one_line_and_exit_2(
+        tiny_config: Path, capsys: pytest.CaptureFixture[str], device: str, message: str) -> None:
+    assert main(["generate", "--config", str(tiny_config), "--prompt", "Hi", "--device", device]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    (line,) = captured.err.splitlines()
+    assert line.startswith("modelkit generate: error: ") and message in line
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cli_device_cuda_generates_the_greedy_tokens_of_the_cpu(tiny_config: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["generate", "--config", str(tiny_config), "--prompt", "Hello, I am", "--max-new-tokens", "8"]
+    assert main([*args, "--device", "cpu"]) == 0
+    on_cpu = capsys.readouterr().out
+    assert main([*args, "--device", "cuda"]) == 0
+    assert capsys.readouterr().out == on_cpu
+
+
 def test_cli_rejects_a_vocabulary_smaller_than_the_tokenizers(tmp_path: Path,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "small_vocab.json"

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import enum
+from typing import Annotated, Literal
 
 import pytest
 import torch
@@ -45,6 +46,25 @@ def test_a_new_component_is_one_class_plus_one_registration_line(cleanup):
     line = next(i for i, text in enumerate(open(__file__), 1) if '@register("activation", "test.squareplus")' in text)
     assert entry.origin == __name__ and entry.source.endswith(f"test_registry.py:{line}")
     assert entry.parameters() == [("b", "float", 4.0)]
+
+
+class Mode(enum.Enum):
+    FAST = "fast"
+    EXACT = "exact"
+
+
+def test_parameters_with_a_fixed_set_of_values_are_described_by_them(cleanup):
+    @register("norm", "test.choices")
+    class Choosy(Norm):
+        def __init__(self, dims: ModelDims, *, kind: Literal["rms", "layer"] = "rms", mode: Mode = Mode.FAST,
+                     scale: Literal[1, 2] | None = None, eps: float = 1e-5) -> None:
+            super().__init__()
+
+    cleanup.append(("norm", "test.choices"))
+    entry = get_registry("norm").get("test.choices")
+    assert entry.choices() == {"kind": ["rms", "layer"], "mode": ["fast", "exact"], "scale": [1, 2, None]}
+    assert entry.parameters() == [("kind", "'rms' | 'layer'", "rms"), ("mode", "'fast' | 'exact'", Mode.FAST),
+                                  ("scale", "1 | 2 | None", None), ("eps", "float", 1e-5)]
 
 
 def test_duplicate_names_are_an_error_never_an_overwrite(cleanup):

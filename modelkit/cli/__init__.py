@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from ..cpu import forced_capability_problem
-from ..errors import CheckpointError, GenerationError, RegistryError, SpecError, SpeedOptionError
+from ..errors import CheckpointError, DeviceError, GenerationError, RegistryError, SpecError, SpeedOptionError
 
 # Command modules, in the order ``modelkit --help`` lists them.
 COMMANDS: tuple[str, ...] = ("info", "spec", "schema", "components", "generate", "train", "compare", "import_hf",
@@ -39,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (SpecError, RegistryError, CheckpointError, GenerationError, SpeedOptionError) as exc:
+    except (SpecError, RegistryError, CheckpointError, GenerationError, DeviceError, SpeedOptionError) as exc:
         print(f"modelkit {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -10,6 +10,7 @@ from typing import Any
 
 from ..compare import CompareError, CompareOptions, VariantReport, compare, parse_override, write_plots
 from ..data import DataError
+from ..devices import DEVICE_HELP
 from ..plots import PlotError
 from ..train import TrainError
 from ._table import format_markdown, format_table
@@ -41,7 +42,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--prompt-len", type=int, default=16, help="prompt tokens before decoding (default 16)")
     p.add_argument("--decode-tokens", type=int, default=64, help="tokens decoded one at a time (default 64)")
     p.add_argument("--repeats", type=int, default=5, help="timed repetitions; the median is reported (default 5)")
-    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--seed", type=int, default=123, help="seed for weights, inputs and training (default 123)")
     p.add_argument("--grad-norms", action="store_true",
                    help="per-layer gradient norm of the feed-forward output weight at initialisation (Xiong et al. 2020)")
@@ -138,7 +139,7 @@ def _run(args: argparse.Namespace) -> int:
         print("overrides: " + " ".join(f"{k}={json.dumps(v)}" for k, v in overrides.items()))
     print("GFLOPs/token: forward, 2*N_matmul + 4*n_layers*n_ctx*emb_dim (see modelkit.compare)")
     if args.speed:
-        from ..train import resolve_device
+        from ..devices import resolve_device
 
         print(f"speed: {resolve_device(options.device)} ({torch.get_num_threads()} threads), forward batch {args.batch_size} x "
               f"min(context, {args.seq_len or 256}) tokens; decode {args.decode_tokens} tokens after a "

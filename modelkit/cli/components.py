@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from ..registry import KINDS, get_registry
+from ..registry import KINDS, ComponentEntry, get_registry
 
 
 def add_parser(sub: Any) -> None:
@@ -19,6 +19,16 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
+def _describe(entry: ComponentEntry) -> dict[str, Any]:
+    """One component for the listing; ``choices`` is the list of allowed values of a parameter, or None."""
+    choices = entry.choices()
+    return {
+        "name": entry.name, "summary": entry.summary, "origin": entry.origin, "source": entry.source,
+        "parameters": [{"name": n, "type": t, "default": d, "choices": choices.get(n)}
+                       for n, t, d in entry.parameters()],
+    }
+
+
 def run(args: argparse.Namespace) -> int:
     kinds = [args.kind] if args.kind else list(KINDS)
     report: dict[str, Any] = {}
@@ -26,10 +36,7 @@ def run(args: argparse.Namespace) -> int:
     for kind in kinds:
         entries, errors = get_registry(kind).load_all()
         broken.extend(errors)
-        report[kind] = [{
-            "name": e.name, "summary": e.summary, "origin": e.origin, "source": e.source,
-            "parameters": [{"name": n, "type": t, "default": d} for n, t, d in e.parameters()],
-        } for e in entries]
+        report[kind] = [_describe(e) for e in entries]
     if args.json:
         print(json.dumps({"components": report, "broken": [str(b) for b in broken]}, indent=2, default=str))
         return 0

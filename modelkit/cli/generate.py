@@ -11,9 +11,11 @@ from typing import Any
 import torch
 
 from ..builder import build_model
-from ..errors import CheckpointError, GenerationError
+from ..devices import DEVICE_HELP, resolve_device
+from ..errors import CheckpointError, GenerationError, SpeedOptionError
 from ..generation import check_sampling_args, stream_generate
 from ..model import GPTModel
+from ..onednn import onednn_linear_available
 from ..spec import load_spec
 from ..tokenizer import IncrementalDecoder, get_tokenizer, text_to_token_ids
 
@@ -42,11 +44,14 @@ def add_parser(sub: Any) -> None:
                    help="sample among the most likely tokens whose probability reaches P (nucleus)")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, metavar="S",
                    help=f"seed for the random weights and for sampling (default {DEFAULT_SEED})")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP + "; the model and the prompt go there first, "
+                   "then the speed options apply (oneDNN, --native and huge pages are the CPU's)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole window at every step")
     p.add_argument("--eos", action="store_true", help="stop at <|endoftext|> (not printed)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="weights and activations dtype (bfloat16: half the weight memory and faster prefill; "
-                        "on the CPU decoding is no faster than float32 on oneDNN; logits differ by a few 1e-2)")
+                   help="weights and activations dtype (bfloat16: half the weight memory; fast on CPUs with "
+                        "oneDNN bfloat16 kernels (AVX-512, AMX), slower than float32 elsewhere: see "
+                        "modelkit info --device; logits differ by a few 1e-2)")
     p.add_argument("--quantize", choices=["none", "int8"], default="none",
                    help="int8: weight-only int8 Linear layers (fewest bytes per token, fastest CPU decoding; "
                         "see modelkit.quantize)")
@@ -118,24 +123,31 @@ def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 0:
         raise GenerationError(f"max_new_tokens must be >= 0, got {args.max_new_tokens}")
     check_sampling_args(args.temperature, args.top_k, args.top_p)  # before building anything
+    cpu_only = args.native or args.huge_pages  # options of the CPU: "auto" then means the CPU
+    device = resolve_device("cpu" if args.device == "auto" and cpu_only else args.device)
     tokenizer = get_tokenizer()
-    model = load_model(args)
+    model = load_model(args).to(device)
     from ..native import NativeBuildError
     from ..speed import optimize_for_inference  # dtype, int8, and the decode-friendly weight layout
 
     try:
         model = optimize_for_inference(model, dtype=args.dtype, quantize=args.quantize, huge_pages=args.huge_pages,
                                        native=args.native)
+    except SpeedOptionError:
+        raise
     except (NativeBuildError, ValueError) as exc:
         if not args.native:
             raise
         raise GenerationError(f"--native: {exc}") from None
+    if args.dtype == "bfloat16" and device.type == "cpu" and not onednn_linear_available(torch.bfloat16):
+        print("note: this CPU has no oneDNN bfloat16 kernels (AVX-512, AVX2-VNNI-2 or AMX): bfloat16 runs on "
+              "PyTorch's generic kernels, slower than float32 (modelkit info --device)", file=sys.stderr)
     if model.spec.vocab_size < tokenizer.n_vocab:
         raise GenerationError(
             f"the model has vocab_size {model.spec.vocab_size}, fewer than the GPT-2 tokenizer's "
             f"{tokenizer.n_vocab} tokens; generating text needs vocab_size >= {tokenizer.n_vocab}"
         )
-    idx = text_to_token_ids(args.prompt, tokenizer)
+    idx = text_to_token_ids(args.prompt, tokenizer).to(device)
     eos_id = tokenizer.eot_token if args.eos else None
     out = sys.stdout
     out.write(args.prompt)
