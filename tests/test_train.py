@@ -315,3 +315,24 @@ def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
     short.write_text("Too short.", encoding="utf-8")
     assert main(["train", "--config", str(config), "--data", str(short), "--quiet"]) == 2
     assert "not enough for one window" in capsys.readouterr().err
+
+
+# -- plots ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n_layers", [2, 3])
+def test_grad_norm_plot_ticks_layers_at_whole_numbers(n_layers):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from modelkit.plots import grad_norms_figure
+
+    fig = grad_norms_figure({"pre_norm": [0.5 ** i for i in range(n_layers)], "post_norm": [1.0] * n_layers})
+    try:
+        fig.canvas.draw()
+        ax = fig.axes[0]
+        lo, hi = ax.get_xlim()
+        ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+        assert ticks and all(t == round(t) for t in ticks), ticks
+        assert set(range(1, n_layers + 1)) >= {round(t) for t in ticks}
+    finally:
+        plt.close(fig)
