@@ -24,10 +24,10 @@ from ..train import (
 EPILOG = """\
 examples:
   modelkit train --config configs/tiny.json --data book.txt --steps 500 --plot
-  modelkit train --config configs/tiny.json --data book.txt --steps 500 --pause-at 200
-  modelkit train --resume runs/tiny                     # finish it exactly (same data file, recorded)
-  modelkit train --resume runs/tiny --steps 1000        # run longer; each changed setting is printed
-  modelkit train --resume runs/tiny --data moved/book.txt   # the same text at a new path
+  modelkit train --config configs/tiny.json --data book.txt --steps 500 --pause-at 200  # stop at 200
+  modelkit train --resume runs/tiny                        # finish it exactly (the run records book.txt)
+  modelkit train --resume runs/tiny --steps 1000           # run longer; each changed setting is printed
+  modelkit train --resume runs/tiny --data moved/book.txt  # the same text at a new path
   torchrun --nproc-per-node 4 -m modelkit train --config configs/tiny.json --data book.txt
 several machines (run on each; --node-rank 0..N-1, the endpoint is node 0's address):
   torchrun --nnodes 2 --node-rank 0 --nproc-per-node 8 --master-addr 10.0.0.1 --master-port 29500 \\
@@ -172,7 +172,8 @@ def _summary(result: TrainResult, history: list[dict[str, Any]], world: int) -> 
     whole += f"; validation loss {_val_span(evals)}" if evals else ""
     if result.step == result.start_step:
         return [f"this session: no steps (the checkpoint is at step {result.step})", whole]
-    mine = [m for m in evals if m["step"] <= result.start_step][-1:] + [m for m in evals if m["step"] > result.start_step]
+    before = [m for m in evals if m["step"] <= result.start_step][-1:]  # where this session started from
+    mine = before + [m for m in evals if m["step"] > result.start_step]
     session = (f"this session: steps {result.start_step + 1}-{result.step}, {result.tokens - result.start_tokens:,} "
                f"tokens, {result.tokens_per_s:,.0f} tokens/s{procs}")
     session += f"; validation loss {_val_span(mine)}" if mine else ""
