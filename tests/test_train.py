@@ -370,6 +370,14 @@ def test_cli_resume_with_the_data_moved_or_changed(tmp_path, capsys):
     assert state["data"]["path"] == str(moved)  # the new place is what the new checkpoint records
     steps = [m["step"] for m in map(json.loads, (tmp_path / "b/metrics.jsonl").read_text().splitlines())]
     assert steps == [0, 1, 2, 3, 4]  # a new --out starts from the resumed run's history
+    state_file = out / "checkpoints/step_000002/train_state.json"  # as an older modelkit wrote it:
+    state = json.loads(state_file.read_text())
+    del state["data"]["path"]
+    state_file.write_text(json.dumps(state))
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), "--quiet"]) == 2
+    assert capsys.readouterr().err == (f"modelkit train: error: the checkpoint in {out} does not record its data file "
+                                       "(an older modelkit wrote it); pass --data FILE with the text it was trained on\n")
 
 
 def test_cli_train_without_data_is_one_clear_error(tmp_path, capsys):
