@@ -38,6 +38,13 @@ def _series(metrics: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float]
     return xs, ys
 
 
+def _whole_number_ticks(axis: Any) -> None:
+    """Major ticks of ``axis`` only at integers (layers, steps and tokens are counts)."""
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(integer=True))
+
+
 def plot_loss_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | os.PathLike[str],
                      title: str | None = None) -> Path:
     """Write a PNG of loss against tokens seen for one or more runs; returns the path.
@@ -45,6 +52,12 @@ def plot_loss_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str 
     ``runs`` maps a label to its metric lines (as in ``metrics.jsonl``). Each run draws its
     per-step training loss (thin) and its validation loss (thick, markers) in one colour.
     """
+    return _save(_pyplot(), loss_curves_figure(runs, title), path)
+
+
+def loss_curves_figure(runs: Mapping[str, Sequence[Mapping[str, Any]]], title: str | None = None) -> Any:
+    """The matplotlib Figure :func:`plot_loss_curves` writes (x ticks at whole token counts); the
+    caller closes it (``matplotlib.pyplot.close(fig)``)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -57,12 +70,13 @@ def plot_loss_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str 
         if xs:
             ax.plot(xs, ys, color=colour, linewidth=2, marker="o", markersize=3, label=f"{label} validation")
     ax.set_xlabel("tokens seen")
+    _whole_number_ticks(ax.xaxis)
     ax.set_ylabel("cross-entropy loss (nats/token)")
     if title:
         ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    return _save(plt, fig, path)
+    return fig
 
 
 def _save(plt: Any, fig: Any, path: str | os.PathLike[str]) -> Path:
@@ -83,14 +97,22 @@ def plot_training(metrics: Sequence[Mapping[str, Any]], path: str | os.PathLike[
 def plot_grad_norms(norms: Mapping[str, Sequence[float]], path: str | os.PathLike[str],
                     title: str = "gradient norm of each layer's feed-forward output weight at initialisation") -> Path:
     """Write a PNG of per-layer gradient norms (log scale), one line per variant; returns the path."""
+    return _save(_pyplot(), grad_norms_figure(norms, title), path)
+
+
+def grad_norms_figure(norms: Mapping[str, Sequence[float]],
+                      title: str = "gradient norm of each layer's feed-forward output weight at initialisation") -> Any:
+    """The matplotlib Figure :func:`plot_grad_norms` writes: layers 1..n on x (ticks at whole layer
+    numbers only), norms on a log y axis; the caller closes it (``matplotlib.pyplot.close(fig)``)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     for label, values in norms.items():
         ax.plot(range(1, len(values) + 1), values, marker="o", label=label)
     ax.set_yscale("log")
     ax.set_xlabel("layer")
+    _whole_number_ticks(ax.xaxis)
     ax.set_ylabel("‖∂L/∂W‖ (Frobenius)")
     ax.set_title(title, fontsize="medium")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize="small")
-    return _save(plt, fig, path)
+    return fig

@@ -12,9 +12,13 @@ train`` is a thin CLI over it. What it promises:
   batch order depends only on ``(seed, epoch)`` (:class:`~modelkit.data.ShardedBatchSampler`).
 * **Exact resume.** A checkpoint folder holds ``model.safetensors`` (the modelkit checkpoint format,
   spec included), ``train_state.safetensors`` (AdamW moment tensors by parameter name, the torch RNG
-  state of every rank) and ``train_state.json`` (step, tokens, config, data fingerprints): no
-  pickle. Resuming restores model, optimiser, schedule (a function of the step), data position
-  (the step) and RNG, so N steps straight and N/2 + resume + N/2 give identical losses.
+  state of every rank) and ``train_state.json`` (step, tokens, config, data fingerprints and, when
+  the caller names it, the data file's absolute path): no pickle. Resuming restores model,
+  optimiser, schedule (a function of the step), data position (the step) and RNG, so N steps
+  straight and N/2 + resume + N/2 give identical losses. A setting changed on resume is printed
+  (stderr, rank 0) and kept in :attr:`TrainResult.resume_changes`; one that would change which
+  tokens a step sees (:data:`DATA_FIELDS`, the global batch, the spec, the data) is refused with a
+  :class:`TrainError`.
 * **Many processes.** Under ``torchrun`` (``WORLD_SIZE > 1``) it joins the process group (gloo on
   CPU, nccl on GPU), wraps the model in DistributedDataParallel and gives each rank its shard of
   every global batch (``batch_size`` per rank × world size). Logged losses are averaged over ranks;
@@ -32,6 +36,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -149,7 +154,11 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    """What a run produced. ``metrics`` are the JSON lines (also in ``out_dir/metrics.jsonl``)."""
+    """What a run produced. ``metrics`` are this call's JSON lines (``out_dir/metrics.jsonl`` holds the
+    whole run's). ``step``/``tokens`` count the whole run; this call took steps ``start_step + 1 ..
+    step`` and ``tokens - start_tokens`` tokens at ``tokens_per_s``; ``train_seconds`` is the whole
+    run's time in optimizer steps (evaluation excluded). ``resume_changes`` are the printed lines
+    naming each setting a resume changed."""
 
     model: GPTModel
     metrics: list[dict[str, Any]]
@@ -161,6 +170,10 @@ class TrainResult:
     out_dir: Path | None = None
     checkpoint: Path | None = None
     config: TrainConfig = field(default_factory=TrainConfig)
+    start_step: int = 0
+    start_tokens: int = 0
+    train_seconds: float = 0.0
+    resume_changes: list[str] = field(default_factory=list)
 
     def losses(self) -> list[float]:
         """The training loss of every step taken in this run, in order."""
@@ -291,6 +304,22 @@ def read_train_state(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise TrainError(f"{folder / STATE_JSON} is not a modelkit training state")
     state["folder"] = str(folder)
     return state
+
+
+def recorded_data_path(path: str | os.PathLike[str]) -> str | None:
+    """The data file a training checkpoint says it was trained on (absolute), or None if it names none.
+
+    Only a record: :func:`train` never opens it. ``modelkit train --resume`` uses it as the default
+    for ``--data``, and the resumed run still checks the data's token fingerprint.
+    """
+    recorded = read_train_state(path).get("data", {}).get("path")
+    return recorded if isinstance(recorded, str) else None
+
+
+def run_folder(checkpoint_folder: str | os.PathLike[str]) -> Path:
+    """The run folder holding a checkpoint folder (``RUN/checkpoints/step_N`` -> ``RUN``)."""
+    folder = Path(checkpoint_folder)
+    return folder.parent.parent if folder.parent.name == "checkpoints" else folder.parent
 
 
 def _param_names(model: nn.Module) -> list[str]:
@@ -427,10 +456,45 @@ def _check_resume(saved: dict[str, Any], config: TrainConfig, spec: ModelSpec | 
                          f"batch_size {config.batch_size} x {world_size} process(es) = "
                          f"{config.batch_size * world_size} would change the batches")
     if saved["data"]["train_sha256"] != train_fp:
-        raise TrainError("the training data differ from the data this checkpoint was trained on "
-                         "(token fingerprints do not match)")
+        recorded = saved["data"].get("path")
+        raise TrainError("the training data differ from the data this checkpoint was trained on"
+                         + (f" ({recorded})" if recorded else "") + " (token fingerprints do not match)")
     if spec is not None and spec.to_dict() != ckpt_spec.to_dict():
         raise TrainError("the spec differs from the checkpoint's spec; resume without a spec or with the same one")
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def resume_changes(saved: Mapping[str, Any], config: TrainConfig, total_steps: int, world_size: int) -> list[str]:
+    """One line per setting that differs from the checkpoint's, e.g. ``lr 0.003 -> 0.001 from step 65``.
+
+    ``steps``/``epochs`` are reported as the run's total steps; a changed number of processes with
+    the same global batch as ``processes``. If the learning rate of some step still to come differs
+    from what the saved schedule would give it (past its end: its last rate), a last line says from
+    which step and the two rates there.
+    Steps are numbered as in ``metrics.jsonl`` (the first step after the checkpoint is ``step + 1``).
+    """
+    old = TrainConfig.from_dict(saved["config"])
+    start, old_total = int(saved["step"]), int(saved["total_steps"])
+    when = f"from step {start + 1}"
+    lines = [f"steps {old_total} -> {total_steps} {when}"] if old_total != total_steps else []
+    if saved["world_size"] != world_size:
+        lines.append(f"processes {saved['world_size']} -> {world_size} {when} (batch_size per process "
+                     f"{old.batch_size} -> {config.batch_size}, the same global batch)")
+    for f in dataclasses.fields(TrainConfig):
+        before, after = getattr(old, f.name), getattr(config, f.name)
+        if f.name not in ("steps", "epochs", "batch_size") and before != after:
+            lines.append(f"{f.name} {_fmt(before)} -> {_fmt(after)}" + ("" if f.name == "plot" else f" {when}"))
+    schedule = old_total != total_steps or any(getattr(old, k) != getattr(config, k)
+                                               for k in ("lr", "min_lr", "warmup_steps"))
+    first = next((s for s in range(start, total_steps)
+                  if lr_at(s, old, old_total) != lr_at(s, config, total_steps)), None) if schedule else None
+    if first is not None:
+        lines.append(f"the learning-rate schedule changes from step {first + 1}: lr there "
+                     f"{lr_at(first, old, old_total):.3g} -> {lr_at(first, config, total_steps):.3g}")
+    return lines
 
 
 def resume_config(path: str | os.PathLike[str], world_size: int = 1, **overrides: Any) -> TrainConfig:
@@ -465,7 +529,8 @@ def _choose_linear_kernel(model: nn.Module, kernel: str, device: torch.device) -
 def train(spec: ModelSpec | Mapping[str, Any] | str | os.PathLike[str] | None, data: TokenSource,
           config: TrainConfig | None = None, *, val_data: TokenSource | None = None,
           out_dir: str | os.PathLike[str] | None = None, resume: str | os.PathLike[str] | None = None,
-          pause_at: int | None = None, progress: bool = True) -> TrainResult:
+          pause_at: int | None = None, progress: bool = True,
+          data_path: str | os.PathLike[str] | None = None) -> TrainResult:
     """Train a model of ``spec`` on ``data`` (text, tokenised with GPT-2's tokenizer, or token ids).
 
     ``val_data`` replaces the held-out split of ``data``. With ``out_dir`` (rank 0 only) it writes
@@ -473,6 +538,8 @@ def train(spec: ModelSpec | Mapping[str, Any] | str | os.PathLike[str] | None, d
     ``model.safetensors`` (final weights) and, with ``config.plot``, ``loss.png``. ``resume`` is a
     checkpoint folder or run folder; ``spec`` may then be None and ``config`` defaults to the saved one.
     ``pause_at`` stops after that global step (saving a checkpoint) without changing the schedule.
+    ``data_path`` names the file ``data`` was read from; checkpoints record it (made absolute; on
+    resume without it, the checkpoint's record is kept) and nothing here reads it.
     Raises :class:`TrainError` / :class:`~modelkit.data.DataError` for unusable options or data.
     """
     from tqdm.auto import tqdm
@@ -511,6 +578,10 @@ def train(spec: ModelSpec | Mapping[str, Any] | str | os.PathLike[str] | None, d
         if saved is not None:
             _check_resume(saved, config, load_spec(spec) if spec is not None else None, ckpt_spec, train_fp,
                           ctx.world_size)
+        if data_path is not None:
+            data_path = os.path.abspath(os.fspath(data_path))
+        elif saved is not None:
+            data_path = saved["data"].get("path")
 
         global_batch = config.batch_size * ctx.world_size
         batches_per_epoch = len(train_set) // global_batch
@@ -522,6 +593,10 @@ def train(spec: ModelSpec | Mapping[str, Any] | str | os.PathLike[str] | None, d
         stop_step = min(pause_at, total_steps) if pause_at is not None else total_steps
         if stop_step < start_step:
             raise TrainError(f"the checkpoint is at step {start_step}, past the requested stop at step {stop_step}")
+        changes = resume_changes(saved, config, total_steps, ctx.world_size) if saved is not None else []
+        if ctx.is_main:
+            for line in changes:
+                print(f"resume: {line}", file=sys.stderr)
         tokens_per_step = global_batch * max_length
 
         # The model: built on CPU right after seeding (the book's order), then moved.
@@ -547,7 +622,8 @@ def train(spec: ModelSpec | Mapping[str, Any] | str | os.PathLike[str] | None, d
             train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
         out = Path(out_dir) if out_dir is not None else None
-        writer = _MetricsWriter(out, start_step if saved is not None else None, ctx.is_main)
+        writer = _MetricsWriter(out, start_step if saved is not None else None, ctx.is_main,
+                                history=run_folder(saved["folder"]) / METRICS_FILE if saved is not None else None)
         eval_windows = (config.eval_batches * global_batch) if config.eval_batches else max(
             len(train_set), len(val_set) if val_set else 0)
 
@@ -568,7 +644,8 @@ def train(spec: ModelSpec | Mapping[str, Any] | str | os.PathLike[str] | None, d
                 "total_steps": total_steps, "world_size": ctx.world_size, "global_batch_size": global_batch,
                 "batches_per_epoch": batches_per_epoch, "config": config.to_dict(),
                 "data": {"train_sha256": train_fp, "val_sha256": fingerprint(val_ids),
-                         "train_tokens": len(train_ids), "val_tokens": len(val_ids)},
+                         "train_tokens": len(train_ids), "val_tokens": len(val_ids),
+                         **({"path": data_path} if data_path is not None else {})},
                 "train_seconds": elapsed,
             }
 
@@ -652,7 +729,9 @@ def train(spec: ModelSpec | Mapping[str, Any] | str | os.PathLike[str] | None, d
             model=model, metrics=writer.lines, step=step, tokens=tokens,
             tokens_per_s=run_tokens / run_seconds if run_seconds else 0.0,
             final_train_loss=last_eval.get("train_eval_loss"), final_val_loss=last_eval.get("val_loss"),
-            out_dir=out, checkpoint=last_checkpoint, config=config,
+            out_dir=out, checkpoint=last_checkpoint, config=config, start_step=start_step,
+            start_tokens=saved["tokens"] if saved is not None else 0, train_seconds=train_seconds + run_seconds,
+            resume_changes=changes,
         )
     finally:
         if ctx.created_group:
@@ -682,17 +761,22 @@ def _restore_tensors(folder: Path, model: nn.Module, optimizer: torch.optim.Opti
 
 
 class _MetricsWriter:
-    """Collects metric lines; rank 0 appends them to ``out/metrics.jsonl`` as they come."""
+    """Collects metric lines; rank 0 appends them to ``out/metrics.jsonl`` as they come.
 
-    def __init__(self, out: Path | None, resume_step: int | None, enabled: bool) -> None:
+    On resume (``resume_step``) it keeps the lines up to that step from ``out/metrics.jsonl``, or from
+    ``history`` (the checkpoint's run's file) when ``out`` has none, so the file covers the whole run.
+    """
+
+    def __init__(self, out: Path | None, resume_step: int | None, enabled: bool, history: Path | None = None) -> None:
         self.lines: list[dict[str, Any]] = []
         self.previous: list[dict[str, Any]] = []
         self.path = out / METRICS_FILE if out is not None and enabled else None
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is not None and self.path.exists():  # keep the history up to the checkpoint
-            for raw in self.path.read_text(encoding="utf-8").splitlines():
+        source = self.path if self.path.exists() or history is None else history
+        if resume_step is not None and source.exists():  # keep the history up to the checkpoint
+            for raw in source.read_text(encoding="utf-8").splitlines():
                 try:
                     entry = json.loads(raw)
                 except json.JSONDecodeError:
@@ -728,5 +812,5 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 __all__: Sequence[str] = (
     "DistContext", "TrainConfig", "TrainError", "TrainResult", "calc_loss_batch", "calc_loss_loader",
     "evaluate", "find_checkpoint", "init_distributed", "lr_at", "read_metrics", "read_train_state",
-    "resume_config", "train",
+    "recorded_data_path", "resume_changes", "resume_config", "run_folder", "train",
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -297,7 +298,7 @@ def test_cli_trains_resumes_and_plots(tmp_path, capsys):
     assert main([*args, "--steps", "10", "--pause-at", "4"]) == 0
     assert main(["train", "--resume", str(out), "--data", str(data), "--plot", "--quiet"]) == 0
     printed = capsys.readouterr().out
-    assert "trained 10 steps" in printed
+    assert "trained 4 steps" in printed and "whole run:    steps 1-10, " in printed
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == list(range(11))
     evals = [m["val_loss"] for m in lines if "val_loss" in m]
@@ -315,3 +316,150 @@ def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
     short.write_text("Too short.", encoding="utf-8")
     assert main(["train", "--config", str(config), "--data", str(short), "--quiet"]) == 2
     assert "not enough for one window" in capsys.readouterr().err
+
+
+def _tiny_run(tmp_path, steps: int = 4, pause_at: int = 2, *extra: str):
+    """A paused CLI run of the tiny spec on a small text file: (args prefix, run folder, text file)."""
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(tiny_model_spec(name="tiny")))
+    data = tmp_path / "text.txt"
+    data.write_text(synthetic_text(60), encoding="utf-8")
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--data", str(data), "--out", str(out), "--batch-size", "2",
+                 "--lr", "1e-2", "--eval-every", "100", "--steps", str(steps), "--pause-at", str(pause_at),
+                 "--quiet", *extra]) == 0
+    return out, data
+
+
+def test_cli_resume_needs_only_the_run_folder_and_reports_session_and_whole_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out, data = _tiny_run(tmp_path)
+    state = json.loads((out / "checkpoints/step_000002/train_state.json").read_text())
+    assert state["data"]["path"] == str(data)  # absolute, as given
+    capsys.readouterr()
+    assert main(["train", "--resume", "run", "--quiet"]) == 0  # no --data: the recorded file
+    captured = capsys.readouterr()
+    assert "resume:" not in captured.err  # nothing changed, nothing to report
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [0, 1, 2, 3, 4]
+    val = {m["step"]: m["val_loss"] for m in lines if "val_loss" in m}
+    assert sorted(val) == [0, 2, 4]  # the start, the pause, the end
+    printed = captured.out.splitlines()
+    assert printed[0].startswith("this session: steps 3-4, 128 tokens, ")  # 2 steps x 2 windows x 32 tokens
+    assert printed[0].endswith(f"; validation loss {val[2]:.3f} (step 2) -> {val[4]:.3f} (step 4)")
+    assert printed[1].startswith("whole run:    steps 1-4, 256 tokens, ")
+    assert printed[1].endswith(f"; validation loss {val[0]:.3f} (step 0) -> {val[4]:.3f} (step 4)")
+
+
+def test_cli_resume_with_the_data_moved_or_changed(tmp_path, capsys):
+    out, data = _tiny_run(tmp_path)
+    moved = tmp_path / "moved.txt"
+    data.rename(moved)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"modelkit train: error: the run's data file {data} is missing; pass --data FILE with the "
+                   "same text"]
+    data.write_text(synthetic_text(60, seed=1), encoding="utf-8")  # another text at the recorded path
+    assert main(["train", "--resume", str(out), "--quiet"]) == 2
+    assert f"training data differ from the data this checkpoint was trained on ({data})" in capsys.readouterr().err
+    assert not (out / "checkpoints/step_000004").exists()  # nothing written by the refused runs
+    assert main(["train", "--resume", str(out), "--data", str(moved), "--out", str(tmp_path / "b"), "--quiet"]) == 0
+    assert "whole run:    steps 1-4" in capsys.readouterr().out
+    state = json.loads((tmp_path / "b/checkpoints/step_000004/train_state.json").read_text())
+    assert state["data"]["path"] == str(moved)  # the new place is what the new checkpoint records
+    steps = [m["step"] for m in map(json.loads, (tmp_path / "b/metrics.jsonl").read_text().splitlines())]
+    assert steps == [0, 1, 2, 3, 4]  # a new --out starts from the resumed run's history
+    state_file = out / "checkpoints/step_000002/train_state.json"  # as an older modelkit wrote it:
+    state = json.loads(state_file.read_text())
+    del state["data"]["path"]
+    state_file.write_text(json.dumps(state))
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), "--quiet"]) == 2
+    assert capsys.readouterr().err == (f"modelkit train: error: the checkpoint in {out} does not record its data file "
+                                       "(an older modelkit wrote it); pass --data FILE with the text it was trained on\n")
+
+
+def test_cli_train_without_data_is_one_clear_error(tmp_path, capsys):
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(tiny_model_spec()))
+    assert main(["train", "--config", str(config), "--quiet"]) == 2
+    assert capsys.readouterr().err == "modelkit train: error: give --data FILE, the text to train on\n"
+
+
+def test_cli_resume_prints_a_changed_learning_rate_and_when_the_schedule_changes(tmp_path, capsys):
+    out, _ = _tiny_run(tmp_path, 4, 2, "--min-lr", "1e-3")
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), "--lr", "5e-3", "--quiet"]) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("resume:")]
+    # cosine from lr to min_lr over steps 0..3 (0-based); step 3 in metrics.jsonl is index 2:
+    # progress 2/3, lr = 1e-3 + 0.5 (lr - 1e-3)(1 + cos(2π/3)) = 1e-3 + 0.25 (lr - 1e-3)
+    assert err == ["resume: lr 0.01 -> 0.005 from step 3",
+                   f"resume: the learning-rate schedule changes from step 3: lr there "
+                   f"{1e-3 + 0.25 * 9e-3:.3g} -> {1e-3 + 0.25 * 4e-3:.3g}"]
+    lr = [m["lr"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+    assert lr[3] == pytest.approx(2e-3)  # what the message said step 3 would use
+
+
+def test_resume_changes_name_each_setting_and_only_true_schedule_changes():
+    from modelkit.train import resume_changes
+
+    def saved(config: TrainConfig, step: int, total: int) -> dict:
+        return {"config": config.to_dict(), "step": step, "total_steps": total, "world_size": 1}
+
+    flat = TrainConfig(lr=1e-3, batch_size=4)
+    assert resume_changes(saved(flat, 5, 10), flat, 10, 1) == []
+    # a longer run at a constant rate: the run length changes, the rate of every step does not
+    assert resume_changes(saved(flat, 10, 10), flat, 20, 1) == ["steps 10 -> 20 from step 11"]
+    assert resume_changes(saved(flat, 5, 10), TrainConfig(lr=1e-3, batch_size=2, grad_clip=1.0, eval_every=7), 10,
+                          2) == ["processes 1 -> 2 from step 6 (batch_size per process 4 -> 2, the same global batch)",
+                                 "grad_clip None -> 1 from step 6", "eval_every 50 -> 7 from step 6"]
+    # the README's recipe (lr 3e-3 -> 3e-4, warm-up 10, 200 steps) stopped at 64, resumed with lr 1e-3:
+    cosine = TrainConfig(lr=3e-3, min_lr=3e-4, warmup_steps=10)
+    progress = (64 - 10) / (200 - 10 - 1)
+    before = 3e-4 + 0.5 * 2.7e-3 * (1 + math.cos(math.pi * progress))
+    after = 3e-4 + 0.5 * 0.7e-3 * (1 + math.cos(math.pi * progress))
+    assert resume_changes(saved(cosine, 64, 200), dataclasses.replace(cosine, lr=1e-3), 200, 1) == [
+        "lr 0.003 -> 0.001 from step 65",
+        f"the learning-rate schedule changes from step 65: lr there {before:.3g} -> {after:.3g}"]
+    # a finished cosine run made longer: the rate rises again from min_lr
+    longer = 3e-4 + 0.5 * 2.7e-3 * (1 + math.cos(math.pi * (200 - 10) / (400 - 10 - 1)))
+    assert resume_changes(saved(cosine, 200, 200), cosine, 400, 1) == [
+        "steps 200 -> 400 from step 201",
+        f"the learning-rate schedule changes from step 201: lr there 0.0003 -> {longer:.3g}"]
+
+
+def test_train_records_the_data_file_it_is_told_and_never_reads_it(tmp_path, monkeypatch):
+    from modelkit.train import read_train_state, recorded_data_path
+
+    monkeypatch.chdir(tmp_path)
+    ids, vocab = small_vocab_ids(30)
+    spec = tiny_model_spec(vocab_size=vocab, context_length=16)
+    config = TrainConfig(steps=2, batch_size=2, eval_every=5)
+    train(spec, ids, config, out_dir="a", data_path="no/such/file.txt", pause_at=1, progress=False)
+    assert recorded_data_path("a") == str(tmp_path / "no/such/file.txt")
+    train(None, ids, out_dir="a", resume="a", progress=False)  # the ids, not the (missing) file
+    assert read_train_state("a")["step"] == 2 and recorded_data_path("a") == str(tmp_path / "no/such/file.txt")
+    train(spec, ids, config, out_dir="b", progress=False)
+    assert recorded_data_path("b") is None
+
+
+# -- plots ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n_layers", [2, 3])
+def test_grad_norm_plot_ticks_layers_at_whole_numbers(n_layers):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from modelkit.plots import grad_norms_figure
+
+    fig = grad_norms_figure({"pre_norm": [0.5 ** i for i in range(n_layers)], "post_norm": [1.0] * n_layers})
+    try:
+        fig.canvas.draw()
+        ax = fig.axes[0]
+        lo, hi = ax.get_xlim()
+        ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+        assert ticks and all(t == round(t) for t in ticks), ticks
+        assert set(range(1, n_layers + 1)) >= {round(t) for t in ticks}
+    finally:
+        plt.close(fig)

@@ -10,12 +10,24 @@ from typing import Any
 
 from ..data import DataError
 from ..plots import PlotError
-from ..train import TrainConfig, TrainError, find_checkpoint, resume_config
+from ..train import (
+    TrainConfig,
+    TrainError,
+    TrainResult,
+    find_checkpoint,
+    read_metrics,
+    recorded_data_path,
+    resume_config,
+    run_folder,
+)
 
 EPILOG = """\
 examples:
   modelkit train --config configs/tiny.json --data book.txt --steps 500 --plot
-  modelkit train --resume runs/tiny --steps 1000          # continue exactly where it stopped
+  modelkit train --config configs/tiny.json --data book.txt --steps 500 --pause-at 200  # stop at 200
+  modelkit train --resume runs/tiny                        # finish it exactly (the run records book.txt)
+  modelkit train --resume runs/tiny --steps 1000           # run longer; each changed setting is printed
+  modelkit train --resume runs/tiny --data moved/book.txt  # the same text at a new path
   torchrun --nproc-per-node 4 -m modelkit train --config configs/tiny.json --data book.txt
 several machines (run on each; --node-rank 0..N-1, the endpoint is node 0's address):
   torchrun --nnodes 2 --node-rank 0 --nproc-per-node 8 --master-addr 10.0.0.1 --master-port 29500 \\
@@ -54,7 +66,7 @@ def add_parser(sub: Any) -> None:
                     "torchrun (DistributedDataParallel; only rank 0 writes).",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="the model spec (JSON); optional with --resume")
-    p.add_argument("--data", required=True, help="a UTF-8 text file to train on")
+    p.add_argument("--data", help="a UTF-8 text file to train on (with --resume: default the run's file)")
     p.add_argument("--out", help="run folder (default: runs/<spec name>, or the resumed run's folder)")
     p.add_argument("--resume", metavar="DIR", help="a checkpoint folder, or a run folder (its latest checkpoint)")
     p.add_argument("--pause-at", type=int, metavar="STEP",
@@ -104,23 +116,19 @@ def _run(args: argparse.Namespace) -> int:
             explicit.setdefault("steps", None)
             explicit.setdefault("epochs", None)
         config = resume_config(args.resume, world, **explicit)
-        folder = find_checkpoint(args.resume)
-        default_out = folder.parent.parent if folder.parent.name == "checkpoints" else folder.parent
+        default_out = run_folder(find_checkpoint(args.resume))
     else:
         config = TrainConfig(**explicit)
         assert spec is not None
         default_out = Path("runs") / spec.name
     out = Path(args.out) if args.out else default_out
-    text = _read_text(args.data)
+    data_file = _data_file(args)
+    text = _read_text(data_file)
     result = train(spec, text, config, out_dir=out, resume=args.resume, pause_at=args.pause_at,
-                   progress=not args.quiet)
+                   progress=not args.quiet, data_path=data_file)
     if int(os.environ.get("RANK", "0")) == 0:
-        evals = [m for m in result.metrics if "val_loss" in m]
-        print(f"trained {result.step} steps, {result.tokens:,} tokens, {result.tokens_per_s:,.0f} tokens/s"
-              + (f" ({world} processes)" if world > 1 else ""))
-        if evals:
-            print(f"validation loss: {evals[0]['val_loss']:.3f} (step {evals[0]['step']}) -> "
-                  f"{evals[-1]['val_loss']:.3f} (step {evals[-1]['step']})")
+        for line in _summary(result, read_metrics(out), world):
+            print(line)
         print(f"model:       {out / 'model.safetensors'}")
         print(f"metrics:     {out / 'metrics.jsonl'}")
         if result.checkpoint is not None:
@@ -128,3 +136,45 @@ def _run(args: argparse.Namespace) -> int:
         if config.plot:
             print(f"loss curve:  {out / 'loss.png'}")
     return 0
+
+
+def _data_file(args: argparse.Namespace) -> str:
+    """``--data``, else (on resume) the data file the checkpoint records; a clear error if neither works."""
+    if args.data is not None:
+        return str(args.data)
+    if args.resume is None:
+        raise TrainError("give --data FILE, the text to train on")
+    recorded = recorded_data_path(args.resume)
+    if recorded is None:
+        raise TrainError(f"the checkpoint in {args.resume} does not record its data file (an older modelkit "
+                         "wrote it); pass --data FILE with the text it was trained on")
+    if not Path(recorded).is_file():
+        raise TrainError(f"the run's data file {recorded} is missing; pass --data FILE with the same text")
+    return recorded
+
+
+def _val_span(evals: list[dict[str, Any]]) -> str:
+    """``A (step s) -> B (step t)``: the first and last of ``evals`` (metric lines with a val_loss)."""
+    return (f"{evals[0]['val_loss']:.3f} (step {evals[0]['step']}) -> "
+            f"{evals[-1]['val_loss']:.3f} (step {evals[-1]['step']})")
+
+
+def _summary(result: TrainResult, history: list[dict[str, Any]], world: int) -> list[str]:
+    """The run's closing lines. After a resume: this session and the whole run (``history`` is the
+    run's metrics.jsonl), each with its steps, tokens, step-time throughput and validation loss."""
+    procs = f" ({world} processes)" if world > 1 else ""
+    evals = [m for m in history if "val_loss" in m and m["step"] <= result.step]
+    if result.start_step == 0:
+        return [f"trained {result.step} steps, {result.tokens:,} tokens, {result.tokens_per_s:,.0f} tokens/s{procs}",
+                *([f"validation loss: {_val_span(evals)}"] if evals else [])]
+    whole_rate = result.tokens / result.train_seconds if result.train_seconds else 0.0
+    whole = f"whole run:    steps 1-{result.step}, {result.tokens:,} tokens, {whole_rate:,.0f} tokens/s"
+    whole += f"; validation loss {_val_span(evals)}" if evals else ""
+    if result.step == result.start_step:
+        return [f"this session: no steps (the checkpoint is at step {result.step})", whole]
+    before = [m for m in evals if m["step"] <= result.start_step][-1:]  # where this session started from
+    mine = before + [m for m in evals if m["step"] > result.start_step]
+    session = (f"this session: steps {result.start_step + 1}-{result.step}, {result.tokens - result.start_tokens:,} "
+               f"tokens, {result.tokens_per_s:,.0f} tokens/s{procs}")
+    session += f"; validation loss {_val_span(mine)}" if mine else ""
+    return [session, whole]
