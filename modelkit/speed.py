@@ -29,7 +29,7 @@ from .onednn import (
     use_onednn_linear_,
 )
 
-__all__ = ["DTYPES", "KERNELS", "LAYOUTS", "QUANTIZE", "kernel_report", "native_build_problem", "optimize_for_inference",
+__all__ = ["DTYPES", "KERNELS", "LAYOUTS", "QUANTIZE", "default_path", "kernel_report", "native_build_problem", "optimize_for_inference",
            "parse_dtype", "set_weight_layout_"]
 
 #: dtype names accepted by :func:`parse_dtype` (and the CLI's ``--dtype``).
@@ -81,14 +81,30 @@ def set_weight_layout_(model: nn.Module, layout: Literal["rows", "columns"]) -> 
     return model
 
 
+@functools.cache
+def _columns_pay_off() -> bool:
+    """Whether column-major float32 weights are the faster layout on this CPU: where oneDNN may use
+    AVX-512. Measured with ``python benchmarks/cpu_defaults.py`` (``docs/performance.md``): there,
+    column-major decodes gpt2-small 12-20% faster at the same prefill speed; on an AVX2 CPU it decodes
+    no faster and prefills 18-23% slower."""
+    return (cpu_info().onednn_isa or "").startswith("avx512")
+
+
 def _auto_layout(model: nn.Module) -> Literal["rows", "columns"]:
-    """Column-major for float32 weights on the CPU, else row-major: the faster for batch-1 decoding
-    (measured, gpt2-small on an AVX-512 CPU: fp32 on oneDNN 15.9 -> 13.9 ms per token, on MKL
-    17.7 -> 20 GB/s; bf16 column-major 25% slower)."""
+    """``weight_layout="auto"``: column-major for float32 CPU weights where that pays off
+    (:func:`_columns_pay_off`), else row-major (bfloat16 column-major is slower everywhere)."""
     weight = next((m.weight for m in model.modules() if isinstance(m, nn.Linear)), None)
-    if weight is not None and weight.dtype == torch.float32 and weight.device.type == "cpu":
+    if weight is not None and weight.dtype == torch.float32 and weight.device.type == "cpu" and _columns_pay_off():
         return "columns"
     return "rows"
+
+
+def default_path() -> str:
+    """What ``optimize_for_inference(model)`` (and so ``modelkit generate``) uses on this CPU, in words."""
+    kernel = "oneDNN" if onednn_linear_available(torch.float32) else "PyTorch's F.linear"
+    layout = "column-major" if _columns_pay_off() else "row-major"
+    bf16 = "oneDNN" if onednn_linear_available(torch.bfloat16) else "PyTorch's F.linear (no oneDNN bf16 kernel)"
+    return f"float32 Linear layers on {kernel}, weights {layout}; bfloat16 on {bf16}, row-major"
 
 
 def _first_linear_weight(model: nn.Module) -> Tensor | None:
@@ -156,8 +172,9 @@ def optimize_for_inference(
       by summation order only (~1e-6 relative). ``"aten"`` keeps ``F.linear``; ``"auto"`` is oneDNN
       when PyTorch has it and the weights are float32 or bfloat16 on the CPU.
     - ``weight_layout``: how Linear weights are stored (see :func:`set_weight_layout_`); ``"auto"``
-      picks the faster layout for batch-1 decoding (CPU float32: ``"columns"``, 12-20% faster
-      decoding with either kernel; otherwise ``"rows"``). Values are unchanged.
+      picks the faster layout on this CPU: ``"columns"`` for CPU float32 weights where oneDNN may use
+      AVX-512 (faster batch-1 decoding), ``"rows"`` otherwise (see :func:`default_path`, measured by
+      ``benchmarks/cpu_defaults.py``). Values are unchanged.
     - ``compile``: wrap in ``torch.compile`` (the returned module is the compiled wrapper; the first
       calls compile, which takes a while: ~7-12 s for gpt2-small on 2 cores). oneDNN Linear layers
       stay on oneDNN inside the compiled code, stacked matrices stay stacked (their pointer check
@@ -299,5 +316,6 @@ def kernel_report() -> list[tuple[str, str]]:
     problem = native_build_problem()
     rows.append(("native decode step (--native)", f"unavailable: {problem}" if problem else
                  "available (float32, GPT-2's composition on oneDNN; compiled on first use, then cached)"))
-    rows.append(("weight layout (auto)", "columns for float32 CPU weights, rows otherwise"))
+    rows.append(("weight layout (auto)", "columns for float32 CPU weights, rows otherwise" if _columns_pay_off()
+                 else "rows (columns decode no faster and prefill slower without AVX-512)"))
     return rows

@@ -6,14 +6,17 @@ Accuracy properties only; speed is measured by ``benchmarks/peers.py``, never he
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
 from conftest import tiny_cfg
 from torch import nn
 
+import modelkit.speed
 from modelkit import build_model
 from modelkit.cli import main
+from modelkit.cpu import hardware_flags
 from modelkit.errors import SpeedOptionError
 from modelkit.generation import generate
 from modelkit.onednn import onednn_linear_available
@@ -193,9 +196,13 @@ def test_tied_head_keeps_the_embeddings_layout():
     assert model.out_head.weight is model.tok_emb.weight and model.tok_emb.weight.is_contiguous()
 
 
+@pytest.mark.parametrize("avx512", [True, False], ids=["avx512", "avx2"])
 @pytest.mark.parametrize(("dtype", "kernel", "layout"),
                          [(None, "aten", "columns"), (None, "onednn", "columns"), ("bf16", "aten", "rows"), ("bf16", "onednn", "rows")])
-def test_optimize_for_inference_picks_the_decode_layout_for_the_kernel(dtype, kernel, layout):
+def test_optimize_for_inference_picks_the_layout_measured_fastest_on_the_cpu(monkeypatch, dtype, kernel, layout, avx512):
+    # benchmarks/cpu_defaults.py: fp32 column-major decodes faster with AVX-512, and only prefills slower with AVX2
+    monkeypatch.setattr(modelkit.speed, "_columns_pay_off", lambda: avx512)
+    layout = layout if avx512 else "rows"
     if kernel == "onednn" and not onednn_linear_available():
         pytest.skip("this PyTorch build has no oneDNN linear op")
     if kernel == "onednn" and dtype == "bf16" and not onednn_linear_available(torch.bfloat16):
@@ -205,3 +212,11 @@ def test_optimize_for_inference_picks_the_decode_layout_for_the_kernel(dtype, ke
     model = optimize_for_inference(set_weight_layout_(fp32_model(), "columns"), dtype=dtype, linear_kernel=kernel)
     w = model.out_head.weight
     assert (w.t().is_contiguous() and not w.is_contiguous()) if layout == "columns" else w.is_contiguous()
+
+
+def test_columns_are_the_auto_layout_exactly_where_onednn_may_use_avx512():
+    flags = hardware_flags()
+    capped = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper() in ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2")
+    avx512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags and not capped
+    model = optimize_for_inference(fp32_model())
+    assert model.out_head.weight.is_contiguous() == (not avx512)
