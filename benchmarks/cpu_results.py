@@ -75,5 +75,6 @@ def render_index() -> None:
                   f"- modelkit vs transformers: prefill 1x1024 {_ratio(ratios.get('prefill 1x1024'))}, "
                   f"prefill 8x128 {_ratio(ratios.get('prefill 8x128'))}, decode {_ratio(ratios.get('decode'))}, "
                   f"training step {_ratio(ratios.get('training step'))}",
-                  f"- full report: [results/{run['kind']}.md](results/{run['kind']}.md)", ""]
+                  f"- full report: [results/{run['kind']}.md](results/{run['kind']}.md)"
+                  + (f" ({run['note']})" if run.get("note") else ""), ""]
     RESULTS.write_text("\n".join(lines))

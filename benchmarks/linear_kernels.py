@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from modelkit.cpu import cpu_info
 from modelkit.onednn import onednn_linear_available
 
 
@@ -49,8 +50,10 @@ def main() -> None:
     args = parser.parse_args()
     if not onednn_linear_available():
         raise SystemExit("this PyTorch build has no oneDNN linear op")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()}; {args.layers} weights of {args.out_features}x{args.in_features}")
+    info = cpu_info()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {info.model}: PyTorch kernels "
+          f"{info.aten_capability}, oneDNN up to {info.onednn_isa}; {args.layers} weights of "
+          f"{args.out_features}x{args.in_features}")
     gen = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):
         rows_w = [torch.randn(args.out_features, args.in_features, generator=gen).to(dtype) for _ in range(args.layers)]
@@ -66,6 +69,9 @@ def main() -> None:
                 cells = []
                 for kernel in ("F.linear", "oneDNN"):
                     for weights in layouts.values():
+                        if kernel == "oneDNN" and not onednn_linear_available(dtype):
+                            cells.append("n/a (no kernel)")  # e.g. bf16 on an AVX2 CPU: modelkit info --device
+                            continue
                         ms = median_ms(lambda ws=weights, x=x, k=kernel, bs=biases: one_pass(k, x, ws, bs), args.repeats)
                         cells.append(f"{ms:8.2f}" + (f" ({nbytes / ms / 1e6:4.1f})" if n == 1 else " " * 7))
                 print(f"{n:>6} | " + " | ".join(f"{c:>17}" for c in cells), flush=True)

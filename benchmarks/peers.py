@@ -1,6 +1,7 @@
 """Peer benchmark: modelkit against what users would pick instead, on the same weights, in one run.
 
-    python benchmarks/peers.py            # full run (~10-15 min on 2 cores); writes benchmarks/RESULTS.md
+    python benchmarks/peers.py            # full run (~10-15 min on 2 cores); writes this CPU kind's section
+                                          # of benchmarks/RESULTS.md and its report in benchmarks/results/
     python benchmarks/peers.py --quick    # one repetition each, for debugging (RESULTS.md not written)
 
 Needs the ``bench`` extra (``pip install -e .[bench]``) and the book's package, installed without its
@@ -118,6 +119,7 @@ class Report:
 
     lines: list[str] = field(default_factory=list)
     targets: list[tuple[str, bool | None, str]] = field(default_factory=list)
+    ratios: dict[str, float] = field(default_factory=dict)  # transformers' time / modelkit's, per measurement
 
     def section(self, title: str, note: str = "") -> None:
         self.add(f"\n## {title}\n")
@@ -238,11 +240,10 @@ def logits_of(name: str, model: nn.Module, idx: Tensor) -> Tensor:
 
 
 def machine_description(threads: int) -> list[str]:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("flags")), [])
-    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8") if f in flags]
+    from modelkit.cpu import cpu_info
+    from modelkit.speed import default_path
+
+    info = cpu_info()
     mem = next((int(line.split()[1]) / 2**20 for line in Path("/proc/meminfo").read_text().splitlines()
                 if line.startswith("MemTotal")), 0.0)
     import transformers
@@ -254,11 +255,33 @@ def machine_description(threads: int) -> list[str]:
     except Exception:  # pragma: no cover - shown as unknown
         lfs = "?"
     return [
-        f"- CPU: {cpu}, {os.cpu_count()} logical cores ({', '.join(isa)}), {mem:.0f} GiB RAM",
-        f"- torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), {threads} threads; "
+        f"- CPU: {info.model}, {os.cpu_count()} logical cores ({' '.join(info.shown_flags)}), {mem:.0f} GiB RAM; "
+        f"PyTorch kernels {info.aten_capability}, oneDNN up to {info.onednn_isa}",
+        f"- default path on this CPU: {default_path()}",
+        f"- torch {torch.__version__}, {threads} threads; "
         f"transformers {transformers.__version__}; llms-from-scratch {lfs}; Python {platform.python_version()}",
         f"- load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
     ]
+
+
+def write_results(rep: Report) -> Path:
+    """Store this run as its CPU kind's section of RESULTS.md (see cpu_results.py)."""
+    import datetime
+
+    import transformers
+    from cpu_results import cpu_kind, isa_level, write_run
+
+    from modelkit.cpu import cpu_info
+    from modelkit.speed import default_path
+
+    info = cpu_info()
+    title = f"{isa_level(info).upper()} CPU: {info.model}"
+    summary = {"title": title, "cores": os.cpu_count(), "date": datetime.date.today().isoformat(),
+               "torch": torch.__version__, "transformers": transformers.__version__,
+               "default_path": default_path(), "ratios": {k: round(v, 3) for k, v in rep.ratios.items()},
+               "targets": [{"name": n, "met": m, "figure": f} for n, m, f in rep.targets]}
+    print(f"CPU kind: {cpu_kind(info)}")
+    return write_run(info, rep.lines, summary)
 
 
 def bench_prefill(rep: Report, models: dict[str, nn.Module], reps: Reps) -> dict[str, float]:
@@ -276,6 +299,7 @@ def bench_prefill(rep: Report, models: dict[str, nn.Module], reps: Reps) -> dict
         rep.table(["model", "time", "throughput", "modelkit speed-up"], speed_rows(entries, "ms", b * s, "tok/s"))
         fastest = min(t for n, t in entries if not n.startswith("modelkit"))
         results[f"{b}x{s}"] = entries[0][1]
+        rep.ratios[f"prefill {b}x{s}"] = dict(entries)["transformers"] / entries[0][1]
         as_built = dict(entries).get("modelkit (as built)")
         rep.target(f"prefill {b}x{s} at least as fast as the fastest peer", entries[0][1] <= fastest,
                    f"modelkit {entries[0][1] * 1e3:.0f} ms vs fastest peer {fastest * 1e3:.0f} ms "
@@ -566,6 +590,7 @@ def bench_decode(rep: Report, models: dict[str, nn.Module], reps: Reps) -> tuple
             f"{abs(extra) * 100:.0f}% {'more' if extra >= 0 else 'less'} time than the same computation written "
             f"without modules.")
     hf_t = dict(entries)["transformers"]
+    rep.ratios["decode"] = hf_t / entries[0][1]
     rep.target("decode at least as fast as transformers", entries[0][1] <= hf_t,
                f"modelkit {mk_tps:.1f} tok/s vs transformers {NEW_TOKENS / hf_t:.1f} tok/s "
                f"({hf_t / entries[0][1]:.2f}x; the model as built, without optimize_for_inference: "
@@ -612,6 +637,7 @@ def bench_train(rep: Report, models: dict[str, nn.Module], reps: Reps) -> None:
     rep.table(["model", "step time", "tokens/s", "modelkit speed-up"], speed_rows(entries, "ms", b * s, "tok/s"))
     fastest = min(t for n, t in entries if not n.startswith("modelkit"))
     as_built = dict(entries).get("modelkit (as built)")
+    rep.ratios["training step"] = dict(entries)["transformers"] / entries[0][1]
     rep.target("training step at least as fast as the fastest peer", entries[0][1] <= fastest,
                f"modelkit {b * s / entries[0][1]:.0f} tok/s vs fastest peer {b * s / fastest:.0f} tok/s "
                f"({fastest / entries[0][1]:.2f}x" + (f"; the model as built: {fastest / as_built:.2f}x)" if as_built
@@ -856,7 +882,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--only", default="prefill,decode,train,xl,variants,compile",
                         help="comma-separated sections to run")
-    parser.add_argument("--out", type=Path, default=None, help=f"markdown output (default: {RESULTS})")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"markdown output (default: this CPU kind's report in results/, indexed in {RESULTS})")
     parser.add_argument("--spec", type=Path, default=SMALL, help="model spec (a smaller one only to debug this script)")
     parser.add_argument("--xl-child", nargs=2, metavar=("ACTION", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -922,10 +949,11 @@ def main(argv: list[str] | None = None) -> int:
         rep.add(f"- {'MET' if met else 'NOT MET'}: {name}: {figure}")
     rep.add(f"\n1-minute load average during the run (this benchmark's own threads count {torch.get_num_threads()}): "
             f"{load.summary()}; total run time {time.perf_counter() - started:.0f} s.")
-    out = args.out or (None if args.quick or args.spec != SMALL else RESULTS)
-    if out is not None:
-        out.write_text("\n".join(rep.lines) + "\n")
-        print(f"\nwrote {out}")
+    if args.out is not None:
+        args.out.write_text("\n".join(rep.lines) + "\n")
+        print(f"\nwrote {args.out}")
+    elif not args.quick and args.spec == SMALL:
+        print(f"\nwrote {write_results(rep)} and {RESULTS}")
     return 0
 
 
