@@ -29,7 +29,7 @@ from .onednn import (
     use_onednn_linear_,
 )
 
-__all__ = ["DTYPES", "KERNELS", "LAYOUTS", "QUANTIZE", "default_path", "kernel_report", "native_build_problem", "optimize_for_inference",
+__all__ = ["DTYPES", "KERNELS", "LAYOUTS", "QUANTIZE", "default_path", "kernel_report", "onednn_trains_faster", "native_build_problem", "optimize_for_inference",
            "parse_dtype", "set_weight_layout_"]
 
 #: dtype names accepted by :func:`parse_dtype` (and the CLI's ``--dtype``).
@@ -90,6 +90,15 @@ def _columns_pay_off() -> bool:
     return (cpu_info().onednn_isa or "").startswith("avx512")
 
 
+@functools.cache
+def onednn_trains_faster() -> bool:
+    """Whether ``linear_kernel="auto"`` trains on oneDNN (forward and backward) on this CPU: where
+    oneDNN may use AVX-512. Measured with ``python benchmarks/peers.py`` (gpt2-small, 4x256 training
+    step; ``benchmarks/RESULTS.md``): 1.39-1.61x PyTorch's kernels on the AVX-512 EPYC, 0.87x on the
+    AVX2 EPYC, whose oneDNN backward matmuls are the slower."""
+    return onednn_linear_available(torch.float32) and (cpu_info().onednn_isa or "").startswith("avx512")
+
+
 def _auto_layout(model: nn.Module) -> Literal["rows", "columns"]:
     """``weight_layout="auto"``: column-major for float32 CPU weights where that pays off
     (:func:`_columns_pay_off`), else row-major (bfloat16 column-major is slower everywhere)."""
@@ -104,7 +113,8 @@ def default_path() -> str:
     kernel = "oneDNN" if onednn_linear_available(torch.float32) else "PyTorch's F.linear"
     layout = "column-major" if _columns_pay_off() else "row-major"
     bf16 = "oneDNN" if onednn_linear_available(torch.bfloat16) else "PyTorch's F.linear (no oneDNN bf16 kernel)"
-    return f"float32 Linear layers on {kernel}, weights {layout}; bfloat16 on {bf16}, row-major"
+    trains = "oneDNN" if onednn_trains_faster() else "PyTorch's F.linear"
+    return f"float32 Linear layers on {kernel}, weights {layout}; bfloat16 on {bf16}, row-major; training on {trains}"
 
 
 def _first_linear_weight(model: nn.Module) -> Tensor | None:
@@ -316,6 +326,8 @@ def kernel_report() -> list[tuple[str, str]]:
     problem = native_build_problem()
     rows.append(("native decode step (--native)", f"unavailable: {problem}" if problem else
                  "available (float32, GPT-2's composition on oneDNN; compiled on first use, then cached)"))
+    rows.append(("training Linear (train --linear-kernel auto)", "oneDNN forward and backward" if onednn_trains_faster()
+                 else "PyTorch F.linear (oneDNN's backward is slower without AVX-512)"))
     rows.append(("weight layout (auto)", "columns for float32 CPU weights, rows otherwise" if _columns_pay_off()
                  else "rows (columns decode no faster and prefill slower without AVX-512)"))
     return rows

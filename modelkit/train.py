@@ -516,13 +516,15 @@ def resume_config(path: str | os.PathLike[str], world_size: int = 1, **overrides
 
 
 def _choose_linear_kernel(model: nn.Module, kernel: str, device: torch.device) -> None:
-    """``auto``: oneDNN Linear layers on the CPU when PyTorch has them (about 1.6x faster training
-    steps on CPUs where MKL lacks AVX-512; see :mod:`modelkit.onednn`); ``aten``: ``F.linear``."""
+    """``auto``: oneDNN Linear layers on a CPU where they train faster than PyTorch's
+    (:func:`modelkit.speed.onednn_trains_faster`: with AVX-512), else ``F.linear``; ``onednn``,
+    ``aten``: that kernel."""
     from .onednn import onednn_linear_available, use_onednn_linear_
+    from .speed import onednn_trains_faster
 
     if kernel == "onednn" and (device.type != "cpu" or not onednn_linear_available()):
         raise TrainError("linear_kernel 'onednn' needs the CPU and a PyTorch build with oneDNN")
-    if kernel == "onednn" or (kernel == "auto" and device.type == "cpu"):
+    if kernel == "onednn" or (kernel == "auto" and device.type == "cpu" and onednn_trains_faster()):
         use_onednn_linear_(model)
 
 

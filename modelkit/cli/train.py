@@ -52,8 +52,8 @@ OPTIONS: dict[str, tuple[str, Any, str]] = {
     "--save-every": ("save_every", int, "write a resumable checkpoint every N steps (always at the end)"),
     "--seed": ("seed", int, "seed for the weights, data order and dropout (default 123)"),
     "--device": ("device", str, "auto (default), cpu, cuda, cuda:N, mps"),
-    "--linear-kernel": ("linear_kernel", str, "Linear layers on the CPU: auto (default: oneDNN when available), "
-                                              "onednn, aten (PyTorch's F.linear)"),
+    "--linear-kernel": ("linear_kernel", str, "Linear layers on the CPU: auto (default: the faster on this CPU, "
+                                              "see modelkit info --device), onednn, aten (PyTorch's F.linear)"),
 }
 
 
