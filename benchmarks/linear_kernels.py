@@ -68,9 +68,12 @@ def main() -> None:
                 x = torch.randn(n, args.in_features, generator=gen).to(dtype)
                 cells = []
                 for kernel in ("F.linear", "oneDNN"):
-                    for weights in layouts.values():
+                    for layout, weights in layouts.items():
                         if kernel == "oneDNN" and not onednn_linear_available(dtype):
                             cells.append("n/a (no kernel)")  # e.g. bf16 on an AVX2 CPU: modelkit info --device
+                            continue
+                        if dtype != torch.float32 and layout == "columns" and not onednn_linear_available(dtype):
+                            cells.append("skipped (>10x slower)")  # PyTorch's generic bf16 kernel, strided
                             continue
                         ms = median_ms(lambda ws=weights, x=x, k=kernel, bs=biases: one_pass(k, x, ws, bs), args.repeats)
                         cells.append(f"{ms:8.2f}" + (f" ({nbytes / ms / 1e6:4.1f})" if n == 1 else " " * 7))
