@@ -8,7 +8,9 @@ A component is an ``nn.Module`` subclass registered under a name with one decora
 
 Its JSON parameters are its keyword-only constructor arguments; the registry turns their type hints
 into a pydantic model with unknown keys forbidden, so every parameter is validated, documented and
-exported to JSON Schema. Positional arguments are what the builder passes (``dims``, and ``parts``
+exported to JSON Schema. Values are checked with JSON's own types, as the schema states them: a
+boolean is not an integer, a string is not a number, an integer is not a boolean (an integer is a
+number, as in JSON Schema). Positional arguments are what the builder passes (``dims``, and ``parts``
 for blocks).
 
 Precedence is fixed: modelkit's built-ins, then explicit :func:`register` calls, then plugins found
@@ -29,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, create_model
+from pydantic_core import to_json
 
 from .errors import PluginError, RegistryError, UnknownComponentError
 
@@ -101,6 +104,18 @@ class ComponentEntry:
     def summary(self) -> str:
         doc = inspect.getdoc(self.cls) or ""
         return doc.strip().splitlines()[0] if doc.strip() else ""
+
+    def validate_params(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Check JSON parameter values and fill the defaults; return them as JSON-ready data.
+
+        The values are checked as the JSON text they stand for (pydantic's strict JSON mode): each
+        must have the JSON type its schema states (an integer for ``int``, a number for ``float``,
+        ``true``/``false`` for ``bool``), while what JSON cannot spell otherwise is read as JSON
+        reads it (a string for an ``Enum`` member, an array for a ``tuple``). Raises pydantic's
+        ``ValidationError`` for a bad value, ``PydanticSerializationError`` for a value that has no
+        JSON form (e.g. a tensor in a Python dict).
+        """
+        return self.params_model.model_validate_json(to_json(params)).model_dump(mode="json")
 
     def choices(self) -> dict[str, list[Any]]:
         """The allowed values of each parameter that has a fixed set (a ``Literal``, an ``Enum``, or an
@@ -190,7 +205,8 @@ def params_model_for(cls: type, kind: str, name: str) -> tuple[type[BaseModel], 
     """Derive the pydantic parameter model of a component class from its constructor signature.
 
     Keyword-only parameters become fields (their defaults and ``Annotated`` constraints included);
-    unknown keys are forbidden. Returns the model and the sub-component parameters by kind.
+    unknown keys are forbidden and types are strict (see :meth:`ComponentEntry.validate_params`).
+    Returns the model and the sub-component parameters by kind.
     Raises :class:`RegistryError` if the signature cannot describe a component of ``kind``.
     """
     where = f"{kind} '{name}' ({cls.__module__}.{cls.__qualname__})"
@@ -232,7 +248,7 @@ def params_model_for(cls: type, kind: str, name: str) -> tuple[type[BaseModel], 
     try:
         model = create_model(  # type: ignore[call-overload]
             f"{cls.__name__}Params",
-            __config__=ConfigDict(extra="forbid", arbitrary_types_allowed=False),
+            __config__=ConfigDict(extra="forbid", strict=True, arbitrary_types_allowed=False),
             __doc__=inspect.getdoc(cls),
             **fields,
         )

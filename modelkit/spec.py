@@ -9,17 +9,23 @@ book's flat config dict is a valid spec.
 Validation collects every problem at once (unknown fields and components with a did-you-mean,
 bad parameter values, cross-field checks) and raises one :class:`SpecError`; nothing is built until
 the whole spec is valid. A validated :class:`ModelSpec` has every default filled in.
+
+Types are JSON's, exactly as the JSON Schema states them, for the fields and for every component's
+parameters: ``true`` is not an integer, ``"8"`` is not a number, ``1`` is not a boolean; an integer
+is a number (``"drop_rate": 0`` is fine). A wrong type is reported at its path as
+``n_layers: expected an integer, got true``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
+from pydantic_core import ErrorDetails, PydanticSerializationError, to_json
 
 from .components.base import ModelDims
 from .errors import PluginError, RegistryError, SpecError, SpecIssue, did_you_mean
@@ -56,9 +62,9 @@ class ComponentSpec(BaseModel):
 
 
 class _Sizes(BaseModel):
-    """The top-level fields (everything but the component slots)."""
+    """The top-level fields (everything but the component slots), with JSON's types (strict)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     name: Annotated[str, Field(min_length=1, description="a label for the model (default: the file's stem)")] = "gpt"
     vocab_size: Annotated[int, Field(gt=0, description="number of token ids (GPT-2: 50257)")]
@@ -119,16 +125,53 @@ def _join(path: str, loc: tuple[Any, ...]) -> str:
     return ".".join(parts).replace(".[", "[")
 
 
-def _describe(value: Any) -> str:
+def describe_json(value: Any) -> str:
+    """A value as JSON spells it (``true``, ``"8"``, ``null``), else its repr; at most 60 characters."""
     text = json.dumps(value) if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _translate(error: ValidationError, path: str, known: list[str], what: str) -> list[SpecIssue]:
-    """pydantic errors -> SpecIssues with full JSON paths and friendlier wording."""
+# pydantic's error type for a value of the wrong JSON type -> the JSON type that was expected
+_EXPECTED_JSON_TYPE: dict[str, str] = {
+    "int_type": "an integer",
+    "int_from_float": "an integer",
+    "float_type": "a number",
+    "bool_type": "a boolean (true or false)",
+    "string_type": "a string",
+    "dict_type": "an object",
+    "list_type": "an array",
+    "tuple_type": "an array",
+    "none_required": "null",
+}
+
+
+def expected_json_type(err: ErrorDetails) -> str | None:
+    """The JSON type a pydantic error says a value should have had (``"an integer"``), or None
+    if the error is not about the type."""
+    return _EXPECTED_JSON_TYPE.get(err["type"])
+
+
+def _message(err: ErrorDetails) -> str:
+    """What is wrong with one value: the JSON type expected and given, or pydantic's own words."""
+    got = describe_json(err.get("input"))
+    expected = expected_json_type(err)
+    if expected is not None:
+        return f"expected {expected}, got {got}"
+    return f"{err['msg'].removeprefix('Value error, ')} (got {got})"
+
+
+def _translate(error: ValidationError, path: str, known: list[str], what: str,
+               references: Collection[str] = ()) -> list[SpecIssue]:
+    """pydantic errors -> SpecIssues with full JSON paths and friendlier wording.
+
+    Errors in the ``references`` parameters (nested components) are left to :func:`_resolve`,
+    which reports a bad reference once, in its own words.
+    """
     issues = []
     for err in error.errors():
         loc = tuple(err["loc"])
+        if loc and loc[0] in references:
+            continue
         where = _join(path, loc)
         if err["type"] == "extra_forbidden" and len(loc) == 1:
             name = str(loc[0])
@@ -136,11 +179,25 @@ def _translate(error: ValidationError, path: str, known: list[str], what: str) -
         elif err["type"] == "missing":
             msg = "required, but missing"
         else:
-            msg = f"{err['msg']} (got {_describe(err.get('input'))})"
-            if err["type"].startswith("value_error"):
-                msg = f"{err['msg'].removeprefix('Value error, ')} (got {_describe(err.get('input'))})"
+            msg = _message(err)
         issues.append(SpecIssue(where, msg))
     return issues
+
+
+def _not_json(params: Mapping[str, Any], path: str) -> list[SpecIssue]:
+    """One issue per parameter whose value has no JSON form (only possible in a Python dict)."""
+    issues = []
+    for key, value in params.items():
+        try:
+            to_json(value)
+        except PydanticSerializationError:
+            issues.append(SpecIssue(f"{path}.{key}", f"expected a JSON value, got {describe_json(value)}"))
+    return issues
+
+
+def _a(kind: str) -> str:
+    """``"a norm"``, ``"an activation"``."""
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
 
 
 def _resolve(kind: str, raw: Any, path: str, issues: list[SpecIssue]) -> ComponentSpec | None:
@@ -152,14 +209,14 @@ def _resolve(kind: str, raw: Any, path: str, issues: list[SpecIssue]) -> Compone
     elif isinstance(raw, Mapping):
         if "type" not in raw:
             known = ", ".join(get_registry(kind).names())
-            issues.append(SpecIssue(path, f"a {kind} object needs a 'type' naming the component (known: {known})"))
+            issues.append(SpecIssue(path, f"{_a(kind)} object needs a 'type' naming the component (known: {known})"))
             return None
         name, params = raw["type"], {k: v for k, v in raw.items() if k != "type"}
         if not isinstance(name, str):
-            issues.append(SpecIssue(f"{path}.type", f"must be a {kind} name, got {_describe(name)}"))
+            issues.append(SpecIssue(f"{path}.type", f"must be {_a(kind)} name, got {describe_json(name)}"))
             return None
     else:
-        issues.append(SpecIssue(path, f"must be a {kind} name or an object with a 'type', got {_describe(raw)}"))
+        issues.append(SpecIssue(path, f"must be {_a(kind)} name or an object with a 'type', got {describe_json(raw)}"))
         return None
     try:
         entry = get_registry(kind).get(name)
@@ -170,9 +227,11 @@ def _resolve(kind: str, raw: Any, path: str, issues: list[SpecIssue]) -> Compone
     fields = entry.params_model.model_fields
     values: dict[str, Any] | None = None
     try:
-        values = entry.params_model.model_validate(params).model_dump(mode="json")
+        values = entry.validate_params(params)
     except ValidationError as exc:
-        issues.extend(_translate(exc, path, list(fields), f"parameter for {kind} '{name}'"))
+        issues.extend(_translate(exc, path, list(fields), f"parameter for {kind} '{name}'", entry.sub_components))
+    except PydanticSerializationError as exc:
+        issues.extend(_not_json(params, path) or [SpecIssue(path, f"expected JSON values: {exc}")])
     filled: dict[str, Any] = {}
     for pname, sub_kind in entry.sub_components.items():  # check nested references even if the rest failed
         sub_raw = params.get(pname, fields[pname].default)
@@ -184,7 +243,8 @@ def _resolve(kind: str, raw: Any, path: str, issues: list[SpecIssue]) -> Compone
 
 def _heads_issue(emb_dim: Any, n_heads: Any) -> SpecIssue | None:
     """The emb_dim/n_heads check, run whenever both values are themselves valid."""
-    if isinstance(emb_dim, int) and isinstance(n_heads, int) and emb_dim > 0 and n_heads > 0 and emb_dim % n_heads:
+    valid = all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (emb_dim, n_heads))
+    if valid and emb_dim % n_heads:
         return SpecIssue("n_heads", f"emb_dim {emb_dim} is not divisible by n_heads {n_heads}")
     return None
 

@@ -31,7 +31,6 @@ Learning rate at step ``s`` (0-based): ``lr·(s+1)/warmup_steps`` during warm-up
 from __future__ import annotations
 
 import collections
-import dataclasses
 import json
 import math
 import os
@@ -45,6 +44,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    model_validator,
+)
 from torch import Tensor, nn
 
 from .data import (
@@ -59,7 +68,8 @@ from .data import (
     split_token_ids,
 )
 from .devices import resolve_device  # also modelkit.train.resolve_device, as before
-from .spec import ModelSpec, load_spec
+from .errors import did_you_mean
+from .spec import ModelSpec, describe_json, expected_json_type, load_spec
 from .speed import KERNELS
 
 if TYPE_CHECKING:
@@ -79,8 +89,7 @@ class TrainError(ValueError):
     """Training cannot run as asked (bad option, incompatible resume, missing checkpoint...)."""
 
 
-@dataclass
-class TrainConfig:
+class TrainConfig(BaseModel):
     """Everything that decides a training run besides the model spec and the data.
 
     ``batch_size`` is per process; the global batch is ``batch_size × world_size``. ``steps`` and
@@ -88,38 +97,53 @@ class TrainConfig:
     training windows once. ``max_length`` defaults to the spec's ``context_length`` and ``stride``
     to ``max_length`` (the book's setting: windows do not overlap). ``eval_batches`` global batches
     of each split are evaluated every ``eval_every`` steps (None: the whole split).
+
+    Values have JSON's types, as in a spec: an integer field refuses ``True`` and ``"8"``, a
+    boolean refuses ``1``, a float field takes an integer. Unknown fields are refused. Any problem
+    raises :class:`TrainError` naming every bad field (``invalid training config: steps must be a
+    positive integer, got 0``).
     """
 
-    steps: int | None = None
-    epochs: int | None = None
-    batch_size: int = 4
-    max_length: int | None = None
-    stride: int | None = None
-    val_fraction: float = 0.1
-    lr: float = 4e-4
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = 0
-    min_lr: float | None = None
-    grad_clip: float | None = None
-    eval_every: int = 50
-    eval_batches: int | None = 5
-    save_every: int | None = None
-    seed: int = 123
-    shuffle: bool = True
-    device: str = "auto"
-    linear_kernel: str = "auto"
-    plot: bool = False
+    model_config = ConfigDict(extra="forbid")
 
-    def __post_init__(self) -> None:
-        self.betas = (float(self.betas[0]), float(self.betas[1]))
-        problems = []
+    steps: StrictInt | None = None
+    epochs: StrictInt | None = None
+    batch_size: StrictInt = 4
+    max_length: StrictInt | None = None
+    stride: StrictInt | None = None
+    val_fraction: StrictFloat = 0.1
+    lr: StrictFloat = 4e-4
+    weight_decay: StrictFloat = 0.1
+    betas: tuple[StrictFloat, StrictFloat] = (0.9, 0.999)  # a list is fine too (JSON has no tuple)
+    warmup_steps: StrictInt = 0
+    min_lr: StrictFloat | None = None
+    grad_clip: StrictFloat | None = None
+    eval_every: StrictInt = 50
+    eval_batches: StrictInt | None = 5
+    save_every: StrictInt | None = None
+    seed: StrictInt = 123
+    shuffle: StrictBool = True
+    device: StrictStr = "auto"
+    linear_kernel: StrictStr = "auto"
+    plot: StrictBool = False
+
+    if not TYPE_CHECKING:  # type checkers keep pydantic's keyword signature
+        def __init__(self, **data: Any) -> None:
+            try:
+                super().__init__(**data)
+            except ValidationError as exc:
+                raise TrainError("invalid training config: " + "; ".join(_config_problems(exc))) from None
+
+    @model_validator(mode="after")
+    def _check_values(self) -> TrainConfig:
+        """The checks beyond types; all problems in one ``ValueError``."""
+        problems: list[str] = []
         if self.steps is not None and self.epochs is not None:
             problems.append("give steps or epochs, not both")
         for name in ("steps", "epochs", "batch_size", "max_length", "stride", "eval_every", "eval_batches",
                      "save_every"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
+            if value is not None and value < 1:
                 problems.append(f"{name} must be a positive integer, got {value!r}")
         if not 0.0 <= self.val_fraction < 1.0:
             problems.append(f"val_fraction must be in [0, 1), got {self.val_fraction}")
@@ -136,20 +160,41 @@ class TrainConfig:
         if self.linear_kernel not in KERNELS:
             problems.append(f"linear_kernel must be auto, aten or onednn, got {self.linear_kernel!r}")
         if problems:
-            raise TrainError("invalid training config: " + "; ".join(problems))
+            raise ValueError("; ".join(problems))
+        return self
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with ``changes`` applied, validated like a new config (``dataclasses.replace``'s role)."""
+        return type(self)(**{**self.model_dump(), **changes})
 
     def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
+        """The fields as JSON-ready data (``betas`` a list); ``from_dict(to_dict())`` is equal."""
+        data = self.model_dump()
         data["betas"] = list(self.betas)
         return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise TrainError(f"unknown training config field(s): {', '.join(unknown)}")
+        """A config from parsed JSON (e.g. a checkpoint's ``train_state.json``); raises :class:`TrainError`."""
         return cls(**data)
+
+
+def _config_problems(error: ValidationError) -> list[str]:
+    """One line per problem pydantic found in a :class:`TrainConfig`, in the config's own words."""
+    names = list(TrainConfig.model_fields)
+    problems = []
+    for err in error.errors():
+        where = "".join(f"[{p}]" if isinstance(p, int) else str(p) for p in err["loc"])
+        got, expected = describe_json(err["input"]), expected_json_type(err)
+        if err["type"] == "extra_forbidden":
+            problems.append(f"unknown field '{where}'{did_you_mean(where, names)} (known: {', '.join(names)})")
+        elif expected is not None:
+            problems.append(f"{where} must be {expected}, got {got}")
+        elif err["type"] == "value_error":
+            problems.append(err["msg"].removeprefix("Value error, "))
+        else:
+            problems.append(f"{where}: {err['msg']}, got {got}")
+    return problems
 
 
 @dataclass
@@ -483,10 +528,10 @@ def resume_changes(saved: Mapping[str, Any], config: TrainConfig, total_steps: i
     if saved["world_size"] != world_size:
         lines.append(f"processes {saved['world_size']} -> {world_size} {when} (batch_size per process "
                      f"{old.batch_size} -> {config.batch_size}, the same global batch)")
-    for f in dataclasses.fields(TrainConfig):
-        before, after = getattr(old, f.name), getattr(config, f.name)
-        if f.name not in ("steps", "epochs", "batch_size") and before != after:
-            lines.append(f"{f.name} {_fmt(before)} -> {_fmt(after)}" + ("" if f.name == "plot" else f" {when}"))
+    for name in TrainConfig.model_fields:
+        before, after = getattr(old, name), getattr(config, name)
+        if name not in ("steps", "epochs", "batch_size") and before != after:
+            lines.append(f"{name} {_fmt(before)} -> {_fmt(after)}" + ("" if name == "plot" else f" {when}"))
     schedule = old_total != total_steps or any(getattr(old, k) != getattr(config, k)
                                                for k in ("lr", "min_lr", "warmup_steps"))
     first = next((s for s in range(start, total_steps)
@@ -572,7 +617,7 @@ def train(spec: ModelSpec | Mapping[str, Any] | str | os.PathLike[str] | None, d
         max_length = config.max_length or model_spec.context_length
         if max_length > model_spec.context_length:
             raise TrainError(f"max_length {max_length} exceeds the model's context_length {model_spec.context_length}")
-        config = dataclasses.replace(config, max_length=max_length, stride=config.stride or max_length)
+        config = config.replace(max_length=max_length, stride=config.stride or max_length)
         assert config.stride is not None
         train_set, val_set, train_ids, val_ids = _prepare_data(data, val_data, config, max_length, config.stride,
                                                                  model_spec.vocab_size)

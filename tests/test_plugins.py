@@ -138,6 +138,15 @@ def test_a_plugin_component_works_like_a_builtin(site: Callable[..., Path]) -> N
         load_spec({**TINY, "norm": {"type": "goodplug.scalenorm", "eps": -1}})
 
 
+def test_a_plugin_parameter_of_another_json_type_is_refused_at_its_path(site: Callable[..., Path]) -> None:
+    site(*GOOD)
+    for value, given in (("1e-6", '"1e-6"'), (True, "true")):
+        with pytest.raises(SpecError) as exc:
+            load_spec({**TINY, "norm": {"type": "goodplug.scalenorm", "eps": value}})
+        assert [str(issue) for issue in exc.value.issues] == [f"norm.eps: expected a number, got {given}"]
+    assert load_spec({**TINY, "norm": {"type": "goodplug.scalenorm", "eps": 1}}).norm.params == {"eps": 1.0}
+
+
 def test_builtin_only_spec_imports_no_plugin_code(tmp_path: Path) -> None:
     write_dist(tmp_path, *GOOD)
     result = run_python(textwrap.dedent("""

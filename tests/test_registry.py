@@ -11,7 +11,7 @@ from conftest import tiny_cfg
 from pydantic import Field
 from torch import nn
 
-from modelkit import RegistryError, build_model, get_registry, load_spec, register
+from modelkit import RegistryError, SpecError, build_model, get_registry, load_spec, register
 from modelkit.components.base import Activation, ModelDims, Norm
 from modelkit.errors import UnknownComponentError
 
@@ -65,6 +65,26 @@ def test_parameters_with_a_fixed_set_of_values_are_described_by_them(cleanup):
     assert entry.choices() == {"kind": ["rms", "layer"], "mode": ["fast", "exact"], "scale": [1, 2, None]}
     assert entry.parameters() == [("kind", "'rms' | 'layer'", "rms"), ("mode", "'fast' | 'exact'", Mode.FAST),
                                   ("scale", "1 | 2 | None", None), ("eps", "float", 1e-5)]
+
+
+def test_parameters_take_json_types_and_what_json_cannot_spell_as_json_spells_it(cleanup):
+    @register("norm", "test.typed")
+    class Typed(Norm):
+        def __init__(self, dims: ModelDims, *, window: int = 4, mode: Mode = Mode.FAST,
+                     sizes: tuple[int, int] = (1, 2), on: bool = False) -> None:
+            super().__init__()
+
+    cleanup.append(("norm", "test.typed"))
+    spec = load_spec(tiny_cfg(norm={"type": "test.typed", "window": 8, "mode": "exact", "sizes": [3, 4]}))
+    assert spec.norm.params == {"window": 8, "mode": "exact", "sizes": [3, 4], "on": False}
+    with pytest.raises(SpecError) as exc:
+        load_spec(tiny_cfg(norm={"type": "test.typed", "window": "8", "mode": "slow", "sizes": [3, True],
+                                 "on": 1}))
+    found = [str(issue) for issue in exc.value.issues]
+    assert found[0] == 'norm.window: expected an integer, got "8"'
+    assert found[1].startswith("norm.mode: Input should be 'fast' or 'exact'")
+    assert found[2:] == ["norm.sizes[1]: expected an integer, got true",
+                         "norm.on: expected a boolean (true or false), got 1"]
 
 
 def test_duplicate_names_are_an_error_never_an_overwrite(cleanup):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 
@@ -285,6 +284,29 @@ def test_bad_data_gets_a_clear_error():
         TrainConfig(steps=1, epochs=1)
 
 
+@pytest.mark.parametrize("fields, problem", [
+    ({"steps": True}, "steps must be an integer, got true"),
+    ({"batch_size": "4"}, 'batch_size must be an integer, got "4"'),
+    ({"lr": "1e-3"}, 'lr must be a number, got "1e-3"'),
+    ({"shuffle": 1}, "shuffle must be a boolean (true or false), got 1"),
+    ({"betas": [0.9, "0.99"]}, 'betas[1] must be a number, got "0.99"'),
+    ({"stpes": 3}, "unknown field 'stpes'; did you mean 'steps'?"),
+    ({"steps": 0}, "steps must be a positive integer, got 0"),
+])
+def test_train_config_takes_json_types_and_known_fields_only(fields, problem):
+    with pytest.raises(TrainError) as exc:
+        TrainConfig(**fields)
+    assert str(exc.value).startswith("invalid training config: ") and problem in str(exc.value)
+    with pytest.raises(TrainError, match="invalid training config: "):
+        TrainConfig.from_dict({**TrainConfig().to_dict(), **fields})
+
+
+def test_train_config_round_trips_through_json_and_takes_an_integer_for_a_float():
+    config = TrainConfig(steps=3, lr=1, betas=[0.8, 0.9], min_lr=0, plot=True)
+    assert (config.lr, config.betas, config.min_lr) == (1.0, (0.8, 0.9), 0.0)
+    assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
 # -- the CLI ----------------------------------------------------------------------------------------
 
 def test_cli_trains_resumes_and_plots(tmp_path, capsys):
@@ -419,7 +441,7 @@ def test_resume_changes_name_each_setting_and_only_true_schedule_changes():
     progress = (64 - 10) / (200 - 10 - 1)
     before = 3e-4 + 0.5 * 2.7e-3 * (1 + math.cos(math.pi * progress))
     after = 3e-4 + 0.5 * 0.7e-3 * (1 + math.cos(math.pi * progress))
-    assert resume_changes(saved(cosine, 64, 200), dataclasses.replace(cosine, lr=1e-3), 200, 1) == [
+    assert resume_changes(saved(cosine, 64, 200), cosine.replace(lr=1e-3), 200, 1) == [
         "lr 0.003 -> 0.001 from step 65",
         f"the learning-rate schedule changes from step 65: lr there {before:.3g} -> {after:.3g}"]
     # a finished cosine run made longer: the rate rises again from min_lr

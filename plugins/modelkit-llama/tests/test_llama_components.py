@@ -228,3 +228,19 @@ def test_gqa_heads_must_divide() -> None:
     with pytest.raises(SpecError, match="backend"):
         load_spec({"vocab_size": 10, "context_length": 8, "emb_dim": 32, "n_heads": 4, "n_layers": 1,
                    "attention": {"type": "llama.gqa", "backend": "flashy"}})
+
+
+@pytest.mark.parametrize(("slot", "ref", "message"), [
+    ("attention", {"type": "llama.gqa", "num_kv_heads": "2"}, 'attention.num_kv_heads: expected an integer, got "2"'),
+    ("attention", {"type": "llama.gqa", "num_kv_heads": True}, "attention.num_kv_heads: expected an integer, got true"),
+    ("attention", {"type": "llama.gqa", "out_bias": 1},
+     "attention.out_bias: expected a boolean (true or false), got 1"),
+    ("feedforward", {"type": "llama.swiglu", "multiple_of": True},
+     "feedforward.multiple_of: expected an integer, got true"),
+    ("norm", {"type": "llama.rmsnorm", "eps": "1e-5"}, 'norm.eps: expected a number, got "1e-5"'),
+    ("positional", {"type": "llama.rope", "theta": "10000"}, 'positional.theta: expected a number, got "10000"'),
+])
+def test_parameters_of_another_json_type_are_refused_at_their_path(slot: str, ref: dict, message: str) -> None:
+    with pytest.raises(SpecError) as exc:
+        load_spec({"vocab_size": 10, "context_length": 8, "emb_dim": 32, "n_heads": 4, "n_layers": 1, slot: ref})
+    assert [str(issue) for issue in exc.value.issues] == [message]
