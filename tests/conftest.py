@@ -45,6 +45,17 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(f"MODELKIT_CPU_CAPABILITY={info.forced} did not take: PyTorch runs {running} kernels")
 
 
+def skip_without_bf16_kernel() -> None:
+    """Skip a test that runs bfloat16 Linear layers where no kernel computes them here (a capped
+    ONEDNN_MAX_CPU_ISA can take PyTorch's bf16 matmul away too): ``optimize_for_inference`` then
+    raises SpeedOptionError instead, which test_cpu.py tests on every machine."""
+    from modelkit.cpu import aten_linear_works
+    from modelkit.onednn import onednn_linear_available
+
+    if not (onednn_linear_available(torch.bfloat16) or aten_linear_works(torch.bfloat16)):
+        pytest.skip("no kernel computes a bfloat16 Linear layer on this CPU (modelkit info --device)")
+
+
 @pytest.fixture
 def tiny() -> dict[str, Any]:
     return tiny_cfg()

@@ -13,16 +13,17 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, tiny_cfg
+from conftest import REPO, skip_without_bf16_kernel, tiny_cfg
 from torch import nn
 
 import modelkit.onednn
 import modelkit.quantize
+import modelkit.speed
 from modelkit import build_model
 from modelkit.cli import main
-from modelkit.cpu import cpu_info, hardware_flags, onednn_isa, onednn_isas
+from modelkit.cpu import aten_linear_works, cpu_info, hardware_flags, onednn_isa, onednn_isas
 from modelkit.generation import generate
-from modelkit.onednn import onednn_dtypes
+from modelkit.onednn import onednn_dtypes, onednn_linear_available
 from modelkit.quantize import Int8Linear
 from modelkit.speed import kernel_report, native_build_problem, optimize_for_inference
 
@@ -79,7 +80,7 @@ def _python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_a_forced_capability_reaches_pytorch_and_onednn():
-    code = ("import json, os, torch, modelkit; from modelkit.onednn import onednn_dtypes; "
+    code = ("import json, os, torch, modelkit; from modelkit.onednn import onednn_dtypes, onednn_linear_available; "
             "print(json.dumps([torch.backends.cpu.get_cpu_capability(), os.environ['ONEDNN_MAX_CPU_ISA'], "
             "sorted(str(d) for d in onednn_dtypes())]))")
     result = _python(code, MODELKIT_CPU_CAPABILITY="default")
@@ -127,7 +128,8 @@ def test_every_speed_option_gives_the_float32_tokens_or_one_line_naming_what_is_
     lines = [line for line in err.splitlines() if not line.startswith("note:")]
     if status == 2:  # allowed only with the reason, in one line
         assert out == "Hello, I am" and len(lines) == 1 and "error:" in lines[0]
-        assert "--native" in options and native_build_problem() is not None
+        no_bf16 = not (onednn_linear_available(torch.bfloat16) or aten_linear_works(torch.bfloat16))
+        assert ("--native" in options and native_build_problem() is not None) or ("bfloat16" in options and no_bf16)
     else:
         assert status == 0 and out == reference and not lines  # the tiny model's tokens have wide margins
 
@@ -140,7 +142,17 @@ def without_onednn_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(modelkit.onednn, "_DTYPES", fp32_only)
 
 
+def test_bf16_without_any_bf16_kernel_is_one_clear_error(without_onednn_bf16, monkeypatch, capsys):
+    monkeypatch.setattr(modelkit.speed, "aten_linear_works", lambda dtype: False)
+    with pytest.raises(modelkit.errors.SpeedOptionError,
+                       match=r"dtype bfloat16: no Linear kernel works on this CPU: oneDNN has no bfloat16 inner product"):
+        optimize_for_inference(build_model(CFG), dtype="bf16")
+    status, out, err = _generated(capsys, "--dtype", "bfloat16")
+    assert status == 2 and err.count("\n") - err.count("note:") == 1 and "SpeedOptionError" not in err
+
+
 def test_bf16_without_onednn_bf16_runs_pytorchs_linear_and_keeps_the_answers(without_onednn_bf16):
+    skip_without_bf16_kernel()
     torch.manual_seed(0)
     reference = build_model(CFG).eval()
     model = optimize_for_inference(build_model(CFG).eval(), dtype="bf16")

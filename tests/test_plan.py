@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from conftest import skip_without_bf16_kernel
 
 from modelkit import GPTModel, generate
 from modelkit.components.norm import LayerNorm
@@ -170,6 +171,8 @@ def test_an_input_of_another_dtype_gets_forwards_answer() -> None:
 @pytest.mark.parametrize("options", [{"dtype": "bfloat16"}, {"quantize": "int8"}, {"linear_kernel": "aten"},
                                      {"dtype": "bfloat16", "quantize": "int8"}])
 def test_steps_of_bf16_int8_and_aten_models_give_their_forwards_logits(options) -> None:
+    if "dtype" in options:
+        skip_without_bf16_kernel()
     model = optimize_for_inference(tiny(), **options)
     step = step_of(model)
     assert step is not model

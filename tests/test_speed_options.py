@@ -10,7 +10,7 @@ import os
 
 import pytest
 import torch
-from conftest import tiny_cfg
+from conftest import skip_without_bf16_kernel, tiny_cfg
 from torch import nn
 
 import modelkit.speed
@@ -86,6 +86,8 @@ def test_quantized_tied_head_leaves_the_embedding_in_float():
 
 @pytest.mark.parametrize("variant", ["bf16", "int8", "bf16+int8"])
 def test_fast_variants_stay_close_to_the_fp32_logits(variant):
+    if "bf16" in variant:
+        skip_without_bf16_kernel()
     ref_model = fp32_model()
     model = optimize_for_inference(fp32_model(), dtype="bf16" if "bf16" in variant else None,
                                    quantize="int8" if "int8" in variant else None)
@@ -104,6 +106,8 @@ def test_fast_variants_stay_close_to_the_fp32_logits(variant):
 
 @pytest.mark.parametrize("variant", ["bf16", "int8"])
 def test_fast_variants_generate_with_the_kv_cache(variant):
+    if variant == "bf16":
+        skip_without_bf16_kernel()
     model = optimize_for_inference(fp32_model(), dtype="bf16" if variant == "bf16" else None,
                                    quantize="int8" if variant == "int8" else None)
     prompt = torch.tensor([[1, 2, 3]])
@@ -140,6 +144,7 @@ def test_optimize_for_inference_sets_eval_and_checks_its_arguments():
 def test_cli_generate_with_bf16_and_int8_prints_what_the_api_generates(tmp_path, capsys):
     from modelkit.tokenizer import text_to_token_ids, token_ids_to_text
 
+    skip_without_bf16_kernel()
     cfg = tiny_cfg(vocab_size=50257, emb_dim=32, context_length=32)
     path = tmp_path / "tiny.json"
     path.write_text(json.dumps(cfg))
