@@ -3,6 +3,8 @@
 The small public API::
 
     from modelkit import load_spec, build_model, GPTModel, SpecError, count_parameters, register
+
+Every exception modelkit raises on purpose derives from :class:`ModelkitError`.
 """
 
 from .cpu import apply_forced_capability
@@ -11,7 +13,7 @@ apply_forced_capability()  # MODELKIT_CPU_CAPABILITY: before any kernel runs (se
 
 from .builder import build_model  # noqa: E402
 from .checkpoint import load_book_checkpoint, load_checkpoint, read_checkpoint, save_checkpoint
-from .errors import CheckpointError, GenerationError, PluginError, RegistryError, SpecError
+from .errors import CheckpointError, GenerationError, ModelkitError, PluginError, RegistryError, SpecError
 from .generation import generate, stream_generate
 from .hf import export_hf_gpt2, load_hf_gpt2
 from .introspect import count_parameters
@@ -22,8 +24,8 @@ from .spec import ComponentSpec, ModelSpec, load_spec
 __version__ = "0.1.0"
 
 __all__ = [
-    "KINDS", "CheckpointError", "ComponentSpec", "GPTModel", "GenerationError", "ModelSpec", "PluginError",
-    "RegistryError", "SpecError", "SubComponent", "build_model", "count_parameters", "get_registry",
+    "KINDS", "CheckpointError", "ComponentSpec", "GPTModel", "GenerationError", "ModelSpec", "ModelkitError",
+    "PluginError", "RegistryError", "SpecError", "SubComponent", "build_model", "count_parameters", "get_registry",
     "load_spec", "register", "registries", "__version__",
     "generate", "stream_generate",
     "save_checkpoint", "load_checkpoint", "read_checkpoint", "load_book_checkpoint", "load_hf_gpt2", "export_hf_gpt2",

@@ -38,12 +38,13 @@ from torch import Tensor, nn
 
 from .builder import build_model
 from .components.base import FeedForward
+from .errors import ModelkitError
 from .introspect import count_parameters
 from .spec import ModelSpec, load_spec
 from .speed import optimize_for_inference
 
 
-class CompareError(ValueError):
+class CompareError(ModelkitError, ValueError):
     """A comparison cannot run as asked (bad override, nothing to compare, no feed-forward found...)."""
 
 

@@ -23,12 +23,13 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .errors import ModelkitError
 from .tokenizer import ENDOFTEXT, get_tokenizer
 
 TokenSource = str | Sequence[int] | Tensor
 
 
-class DataError(ValueError):
+class DataError(ModelkitError, ValueError):
     """The training data cannot be used as asked (too short for a window or a batch, bad split...)."""
 
 

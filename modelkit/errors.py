@@ -1,4 +1,11 @@
-"""The exceptions modelkit raises for bad input, each carrying what a user needs to fix it."""
+"""The exceptions modelkit raises for bad input, each carrying what a user needs to fix it.
+
+Every exception modelkit defines derives from :class:`ModelkitError` (and keeps a builtin base,
+``ValueError``, ``LookupError`` or ``RuntimeError``, so ``except ValueError`` code keeps working).
+The ``modelkit`` CLI turns any of them into one ``modelkit <command>: error: <message>`` line on
+stderr and exit status 2. The classes here are the core's; the speed, training, comparison, plotting
+and tokenizer modules define their own, on the same base.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +20,11 @@ def did_you_mean(name: str, candidates: Iterable[str]) -> str:
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
+class ModelkitError(Exception):
+    """The base of every exception modelkit raises on purpose: bad input, or a feature this machine
+    or installation cannot run. Its message is written for the user and says what to change."""
+
+
 @dataclass(frozen=True)
 class SpecIssue:
     """One problem in a spec: the dotted JSON path (``""`` for the whole spec) and what is wrong."""
@@ -24,7 +36,7 @@ class SpecIssue:
         return f"{self.path}: {self.message}" if self.path else self.message
 
 
-class SpecError(ValueError):
+class SpecError(ModelkitError, ValueError):
     """A model spec is invalid. ``issues`` lists every problem found, each with its JSON path.
 
     The message names the source (a file path, or "<dict>" / "<json string>") and lists all
@@ -40,7 +52,7 @@ class SpecError(ValueError):
         super().__init__("\n".join([head, *(f"  {issue}" for issue in self.issues)]))
 
 
-class RegistryError(LookupError):
+class RegistryError(ModelkitError, LookupError):
     """A component registry lookup or registration failed (unknown name, duplicate, bad class)."""
 
 
@@ -74,18 +86,19 @@ class PluginError(RegistryError):
         )
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ModelkitError, ValueError):
     """A checkpoint file is unreadable, is not a modelkit/GPT-2 checkpoint, or does not fit the spec."""
 
 
-class GenerationError(ValueError):
+class GenerationError(ModelkitError, ValueError):
     """Arguments to text generation are invalid (empty prompt, bad temperature, out-of-vocab ids...)."""
 
 
-class SpeedOptionError(ValueError):
-    """A speed option cannot run on this machine: the CPU lacks the instruction set its kernel needs, or
-    the kernel's build is missing. The message names the option and what is missing."""
+class SpeedOptionError(ModelkitError, ValueError):
+    """A speed option is invalid (an unknown dtype, kernel or layout; options that exclude each other),
+    or cannot run on this machine: the CPU lacks the instruction set its kernel needs, or the kernel's
+    build is missing. The message names the option and what is wrong."""
 
 
-class DeviceError(ValueError):
+class DeviceError(ModelkitError, ValueError):
     """A ``--device``/``device=`` names no torch device, or one this machine does not have."""

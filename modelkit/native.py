@@ -37,15 +37,22 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .errors import ModelkitError, SpeedOptionError
 from .plan import Step, _global_hooks, _has_hooks, identity_step, step_of
 
-__all__ = ["NativeBuildError", "native_extension", "native_step", "native_unsupported_reason", "verify_native_step"]
+__all__ = ["NativeBuildError", "NativeUnsupportedError", "native_extension", "native_step", "native_unsupported_reason",
+           "verify_native_step"]
 
 SOURCE = Path(__file__).parent / "csrc" / "decode_step.cpp"
 
 
-class NativeBuildError(RuntimeError):
+class NativeBuildError(ModelkitError, RuntimeError):
     """The native decode step could not be compiled or loaded here (no compiler, no ninja, ...)."""
+
+
+class NativeUnsupportedError(SpeedOptionError):
+    """``native=True`` for a model that is not the composition the native step implements; the
+    message names the part that differs."""
 
 
 @functools.cache
@@ -212,7 +219,8 @@ def verify_native_step(model: nn.Module) -> None:
     passes; ``optimize_for_inference(native=True)`` calls it once."""
     native = native_step(model)
     if native is None:
-        raise ValueError(f"the native decode step cannot run this model: {native_unsupported_reason(model)}")
+        raise NativeUnsupportedError(f"the native decode step cannot run this model: "
+                                     f"{native_unsupported_reason(model)}")
     python = step_of(model)
     vocab = model.spec.vocab_size  # type: ignore[union-attr]  # a GPTModel (native_step checked)
     prompt = torch.tensor([[0, vocab - 1]])

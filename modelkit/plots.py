@@ -11,8 +11,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .errors import ModelkitError
 
-class PlotError(RuntimeError):
+
+class PlotError(ModelkitError, RuntimeError):
     """A plot was asked for but matplotlib is not installed."""
 
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .errors import SpeedOptionError
 from .onednn import (
     OneDNNLinearActivation,
     onednn_applies,
@@ -129,11 +130,13 @@ def quantize_int8_(model: nn.Module) -> nn.Module:
     Embeddings and norms stay in float. A head tied to the token embedding gets its own int8 copy;
     the embedding keeps its float weight. The model is put in eval mode (quantised weights are for
     inference). Module names are unchanged, so ``model.trf_blocks[0].att.W_query`` still exists.
+    A model whose Linear layers are already fused with their activations raises
+    :class:`~modelkit.errors.SpeedOptionError`: quantise the float model.
     """
     if any(isinstance(m, OneDNNLinearActivation) for m in model.modules()):
-        raise ValueError("this model's Linear layers are fused with their activations (optimize_for_inference "
-                         "without quantize); quantise the float model instead: "
-                         "optimize_for_inference(model, quantize='int8')")
+        raise SpeedOptionError("this model's Linear layers are fused with their activations (optimize_for_inference "
+                               "without quantize); quantise the float model instead: "
+                               "optimize_for_inference(model, quantize='int8')")
     model.eval()
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):

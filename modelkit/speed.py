@@ -49,11 +49,11 @@ M = TypeVar("M", bound=nn.Module)
 
 
 def parse_dtype(name: str) -> torch.dtype:
-    """``"bf16"``/``"bfloat16"`` -> ``torch.bfloat16`` etc.; unknown names raise ``ValueError``."""
+    """``"bf16"``/``"bfloat16"`` -> ``torch.bfloat16`` etc.; unknown names raise :class:`SpeedOptionError`."""
     try:
         return DTYPES[name.lower()]
     except KeyError:
-        raise ValueError(f"unknown dtype '{name}' (known: {', '.join(DTYPES)})") from None
+        raise SpeedOptionError(f"unknown dtype '{name}' (known: {', '.join(DTYPES)})") from None
 
 
 def set_weight_layout_(model: nn.Module, layout: Literal["rows", "columns"]) -> nn.Module:
@@ -68,7 +68,7 @@ def set_weight_layout_(model: nn.Module, layout: Literal["rows", "columns"]) -> 
     they are. Checkpoints are unaffected (savers write contiguous tensors).
     """
     if layout not in ("rows", "columns"):
-        raise ValueError(f"unknown weight layout '{layout}' (known: rows, columns)")
+        raise SpeedOptionError(f"unknown weight layout '{layout}' (known: rows, columns)")
     shared = {id(p) for m in model.modules() if not isinstance(m, nn.Linear) for p in m.parameters(recurse=False)}
     with torch.no_grad():
         for module in model.modules():
@@ -203,8 +203,12 @@ def optimize_for_inference(
       without the Python between the kernels, which runs with cold caches in every layer. Compiled
       here on first use (a C++ compiler and ninja: ``pip install 'modelkit[native]'``; ~20 s on
       2 cores, then cached by PyTorch). Raises :class:`~modelkit.native.NativeBuildError` when it
-      cannot be built, ``ValueError`` when the model is not that composition (the message says
-      which part) or with ``compile``. Measured: see ``benchmarks/RESULTS.md``.
+      cannot be built, :class:`~modelkit.native.NativeUnsupportedError` when the model is not that
+      composition (the message says which part). Measured: see ``benchmarks/RESULTS.md``.
+
+    Invalid options (an unknown name, ``threads < 1``, ``native`` with ``compile``) and options this
+    CPU cannot run raise :class:`~modelkit.errors.SpeedOptionError` (a ``ValueError``) before the
+    model is touched.
 
     The weights' state-dict names are kept unless ``quantize`` is set (see :mod:`modelkit.quantize`).
     Forward hooks registered on Linear layers are not carried over to the replaced layers.
@@ -214,21 +218,21 @@ def optimize_for_inference(
         raise SpeedOptionError(problem)
     if threads is not None:
         if threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
+            raise SpeedOptionError(f"threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
     if isinstance(dtype, str):
         dtype = parse_dtype(dtype)
     if quantize not in (None, *QUANTIZE):
-        raise ValueError(f"unknown quantize '{quantize}' (known: {', '.join(QUANTIZE)})")
+        raise SpeedOptionError(f"unknown quantize '{quantize}' (known: {', '.join(QUANTIZE)})")
     if linear_kernel not in KERNELS:
-        raise ValueError(f"unknown linear_kernel '{linear_kernel}' (known: {', '.join(KERNELS)})")
+        raise SpeedOptionError(f"unknown linear_kernel '{linear_kernel}' (known: {', '.join(KERNELS)})")
     if weight_layout not in LAYOUTS:
-        raise ValueError(f"unknown weight_layout '{weight_layout}' (known: {', '.join(LAYOUTS)})")
+        raise SpeedOptionError(f"unknown weight_layout '{weight_layout}' (known: {', '.join(LAYOUTS)})")
     if native and compile:
-        raise ValueError("native=True and compile=True exclude each other: the native step replaces the "
-                         "Python that compile would trace")
+        raise SpeedOptionError("native=True and compile=True exclude each other: the native step replaces the "
+                               "Python that compile would trace")
     if dtype is not None and not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating point dtype, got {dtype}")
+        raise SpeedOptionError(f"dtype must be a floating point dtype, got {dtype}")
     _check_cpu_runs(model, dtype, linear_kernel, compile)  # before the model is touched
     model.eval()
     if dtype is not None:
@@ -249,6 +253,7 @@ def optimize_for_inference(
         advise_huge_pages_(model_tensors(model))
     if native:
         from .native import (
+            NativeUnsupportedError,
             native_extension,
             native_unsupported_reason,
             verify_native_step,
@@ -256,8 +261,8 @@ def optimize_for_inference(
 
         reason = native_unsupported_reason(model)
         if reason is not None:
-            raise ValueError(f"native=True: the native decode step implements GPT-2's composition on oneDNN "
-                             f"in float32, and {reason}")
+            raise NativeUnsupportedError(f"native=True: the native decode step implements GPT-2's composition on "
+                                         f"oneDNN in float32, and {reason}")
         native_extension()  # compile now (or load the cached build), not in the first generate call
         verify_native_step(model)  # same logits as the Python steps, bit for bit, or an error now
         model.native_decode = True  # type: ignore[attr-defined]  # a GPTModel (checked above)

@@ -25,6 +25,8 @@ from typing import Iterable, Optional, Union
 import tiktoken
 import torch
 
+from .errors import ModelkitError
+
 try:  # Python >= 3.11
     from importlib.resources.abc import Traversable
 except ImportError:  # pragma: no cover - Python 3.9/3.10
@@ -63,7 +65,7 @@ PathLike = Union[str, "os.PathLike[str]", Traversable]
 TokenIds = Union[torch.Tensor, Iterable[int]]
 
 
-class TokenizerAssetError(RuntimeError):
+class TokenizerAssetError(ModelkitError, RuntimeError):
     """The packaged BPE ranks file is missing, corrupted or malformed."""
 
 

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from ..cpu import forced_capability_problem
-from ..errors import CheckpointError, DeviceError, GenerationError, RegistryError, SpecError, SpeedOptionError
+from ..errors import ModelkitError
 
 # Command modules, in the order ``modelkit --help`` lists them.
 COMMANDS: tuple[str, ...] = ("info", "spec", "schema", "components", "generate", "train", "compare", "import_hf",
@@ -30,7 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit status (0 ok, 1 runtime failure, 2 bad input)."""
+    """Run the CLI; returns the exit status (0 ok, 1 runtime failure, 2 bad input).
+
+    Any :class:`~modelkit.errors.ModelkitError` a command raises is reported here, the one place:
+    ``modelkit <command>: error: <message>`` on stderr, exit status 2, no traceback.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     problem = forced_capability_problem()
@@ -39,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (SpecError, RegistryError, CheckpointError, GenerationError, DeviceError, SpeedOptionError) as exc:
+    except ModelkitError as exc:
         print(f"modelkit {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

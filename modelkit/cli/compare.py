@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 from ..compare import CompareError, CompareOptions, VariantReport, compare, parse_override, write_plots
 from ..data import DataError
 from ..devices import DEVICE_HELP
-from ..plots import PlotError
-from ..train import TrainError
 from ._table import format_markdown, format_table
 
 EPILOG = """\
@@ -91,14 +88,6 @@ def grad_table(reports: list[VariantReport]) -> tuple[list[str], list[list[str]]
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except (CompareError, DataError, TrainError, PlotError) as exc:
-        print(f"modelkit compare: error: {exc}", file=sys.stderr)
-        return 2
-
-
-def _run(args: argparse.Namespace) -> int:
     import torch
 
     overrides = dict(parse_override(o) for o in args.override)

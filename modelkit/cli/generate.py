@@ -12,7 +12,7 @@ import torch
 
 from ..builder import build_model
 from ..devices import DEVICE_HELP, resolve_device
-from ..errors import CheckpointError, GenerationError, SpeedOptionError
+from ..errors import CheckpointError, GenerationError
 from ..generation import check_sampling_args, stream_generate
 from ..model import GPTModel
 from ..onednn import onednn_linear_available
@@ -127,17 +127,13 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device("cpu" if args.device == "auto" and cpu_only else args.device)
     tokenizer = get_tokenizer()
     model = load_model(args).to(device)
-    from ..native import NativeBuildError
+    from ..native import NativeBuildError, NativeUnsupportedError
     from ..speed import optimize_for_inference  # dtype, int8, and the decode-friendly weight layout
 
     try:
         model = optimize_for_inference(model, dtype=args.dtype, quantize=args.quantize, huge_pages=args.huge_pages,
                                        native=args.native)
-    except SpeedOptionError:
-        raise
-    except (NativeBuildError, ValueError) as exc:
-        if not args.native:
-            raise
+    except (NativeBuildError, NativeUnsupportedError) as exc:  # only --native raises these
         raise GenerationError(f"--native: {exc}") from None
     if args.dtype == "bfloat16" and device.type == "cpu" and not onednn_linear_available(torch.bfloat16):
         print("note: this CPU has no oneDNN bfloat16 kernels (AVX-512, AVX2-VNNI-2 or AMX): bfloat16 runs on "

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 from ..data import DataError
-from ..plots import PlotError
 from ..train import (
     TrainConfig,
     TrainError,
@@ -93,14 +91,6 @@ def _read_text(path: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except (TrainError, DataError, PlotError) as exc:
-        print(f"modelkit train: error: {exc}", file=sys.stderr)
-        return 2
-
-
-def _run(args: argparse.Namespace) -> int:
     from ..spec import load_spec
     from ..train import train
 

@@ -16,14 +16,14 @@ from pydantic import (
     model_validator,
 )
 
-from ..errors import did_you_mean
+from ..errors import ModelkitError, did_you_mean
 from ..spec import describe_json, expected_json_type
 from ..speed import KERNELS
 
 __all__ = ["TrainConfig", "TrainError"]
 
 
-class TrainError(ValueError):
+class TrainError(ModelkitError, ValueError):
     """Training cannot run as asked (bad option, incompatible resume, missing checkpoint...)."""
 
 
