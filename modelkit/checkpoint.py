@@ -229,9 +229,9 @@ def build_empty(spec: ModelSpec | Mapping[str, Any] | str | os.PathLike[str],
                 dtype: torch.dtype | None = None) -> GPTModel:
     """A :class:`GPTModel` for ``spec`` whose parameters are on the meta device (to be assigned by
     :func:`load_state_dict_into`) and whose buffers are real, on the CPU, in ``dtype``."""
-    from .builder import build_model
+    from .builder import build_model, skip_values_on_meta
 
-    with _parameters_on_meta():
+    with _parameters_on_meta(), skip_values_on_meta():
         return build_model(spec, dtype=dtype)
 
 
