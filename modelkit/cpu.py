@@ -62,9 +62,13 @@ SHOWN_FLAGS = ("avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", 
                "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
 
 
+def _forced_value() -> str:
+    return os.environ.get(ENV, "").strip().lower()
+
+
 def forced_capability_problem() -> str | None:
     """Why ``MODELKIT_CPU_CAPABILITY`` is unusable (an unknown value), or None when it is unset or valid."""
-    value = os.environ.get(ENV, "").strip().lower()
+    value = _forced_value()
     if value and value not in CAPABILITIES:
         return f"{ENV}={os.environ[ENV]!r} is not one of: {', '.join(CAPABILITIES)}"
     return None
@@ -77,7 +81,7 @@ def apply_forced_capability() -> str | None:
     value is left alone: the CLI refuses it (exit status 2) and so does
     :func:`~modelkit.speed.optimize_for_inference` (:class:`~modelkit.errors.SpeedOptionError`).
     """
-    value = os.environ.get(ENV, "").strip().lower()
+    value = _forced_value()
     if value not in CAPABILITIES:
         return None
     aten, onednn = CAPABILITIES[value]
@@ -86,27 +90,25 @@ def apply_forced_capability() -> str | None:
     return value
 
 
-def hardware_flags() -> frozenset[str]:
-    """The CPU's feature flags from ``/proc/cpuinfo`` (empty where there is none: not Linux)."""
+def _cpuinfo_field(name: str) -> str | None:
+    """The first ``name: value`` line's value in ``/proc/cpuinfo`` (None where there is none: not Linux)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("model name"):
+                if line.startswith(name):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "unknown"
+    return None
+
+
+def hardware_flags() -> frozenset[str]:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (empty where there is none: not Linux)."""
+    return frozenset((_cpuinfo_field("flags") or "").split())
+
+
+def _cpu_model() -> str:
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine() or "unknown"
 
 
 def onednn_isas(flags: frozenset[str]) -> list[str]:
@@ -163,7 +165,7 @@ def cpu_info() -> CPUInfo:
     env = {name: os.environ[name] for name in (ENV, "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
            if name in os.environ}
     limit = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
-    forced = os.environ.get(ENV, "").strip().lower() or None
+    forced = _forced_value()
     return CPUInfo(model=_cpu_model(), machine=platform.machine(), threads=torch.get_num_threads(), flags=flags,
                    aten_capability=torch.backends.cpu.get_cpu_capability(),
                    onednn_isa=onednn_isa(flags, limit), forced=forced if forced in CAPABILITIES else None,
