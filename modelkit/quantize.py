@@ -90,7 +90,7 @@ class Int8Linear(nn.Module):
             raise ValueError(f"weight_int8 must be a 2-D int8 tensor, got {weight_int8.dtype} {tuple(weight_int8.shape)}")
         self.out_features, self.in_features = weight_int8.shape
         self.register_buffer("weight_int8", weight_int8.contiguous())
-        self._kernel_ok = self.in_features % _KERNEL_BLOCK == 0
+        self._kernel_ok = self.in_features % _KERNEL_BLOCK == 0 and int8_kernel_available()  # probed once
         self.register_buffer("scale", scale.float())
         if bias is not None:
             self.register_buffer("bias", bias.detach().clone())
@@ -109,7 +109,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.numel() // self.in_features if self.in_features else 0
-        if rows <= SMALL_BATCH and self._kernel_ok and x.device.type == "cpu" and int8_kernel_available():
+        if rows <= SMALL_BATCH and self._kernel_ok and x.device.type == "cpu":
             x2 = x.reshape(rows, self.in_features).to(torch.bfloat16)
             y = torch.ops.aten._weight_int8pack_mm(x2, self.weight_int8, self.scale.to(torch.bfloat16))
             y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
