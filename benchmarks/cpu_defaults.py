@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from modelkit import build_model, generate
-from modelkit.cpu import cpu_info
-from modelkit.speed import optimize_for_inference
+from modelkit.runtime.cpu import cpu_info
+from modelkit.runtime.optimize import optimize_for_inference
 
 SMALL = Path(__file__).resolve().parents[1] / "configs" / "gpt2-small.json"
 CANDIDATES = [("onednn", "rows"), ("onednn", "columns"), ("aten", "rows"), ("aten", "columns")]

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from modelkit.cpu import CPUInfo
+from modelkit.runtime.cpu import CPUInfo
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS.md"

@@ -17,7 +17,7 @@ prompt and tokens), where every cache stays warm: the difference between the two
 step pays because each layer's weights have just streamed through the caches (its KV cache, the
 small tensors and the code between the matmuls are read cold). Last, the budget: 90% of the bound
 leaves ``bound / 0.9 - Linear time`` for everything but the matmuls. Where the native decode step
-(:mod:`modelkit.native`) can be built, the same decode through it is a third run (its kernels are
+(:mod:`modelkit.runtime.native`) can be built, the same decode through it is a third run (its kernels are
 called from C++, so only its wall time is shown).
 """
 
@@ -40,8 +40,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from peers import weight_read_pass
 
 from modelkit import GPTModel, generate
-from modelkit.native import NativeBuildError
-from modelkit.speed import optimize_for_inference
+from modelkit.runtime.native import NativeBuildError
+from modelkit.runtime.optimize import optimize_for_inference
 
 PARTS = ("Linear", "attention", "other")
 NATIVE = "native decode"
@@ -119,7 +119,7 @@ def measure(spec_path: str, rounds: int, tokens: int) -> tuple[dict[str, list[di
         return lambda: [one_pass() for _ in range(tokens)]
 
     runs = {"decode": lambda: lambda: generate(model, prompt, tokens), "bound pass": bound}
-    try:  # the same decode as one C++ call per token (modelkit.native), where it can be built
+    try:  # the same decode as one C++ call per token (modelkit.runtime.native), where it can be built
         torch.manual_seed(123)
         native = optimize_for_inference(GPTModel(spec_path), native=True)
         runs[NATIVE] = lambda: lambda: generate(native, prompt, tokens)

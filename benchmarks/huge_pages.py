@@ -1,4 +1,4 @@
-"""Huge pages for weights (modelkit.hugepages): what moving them costs, and what decoding gains.
+"""Huge pages for weights (modelkit.runtime.hugepages): what moving them costs, and what decoding gains.
 
     python benchmarks/huge_pages.py [--rounds 6] [--tokens 200] [--spec configs/gpt2-small.json]
 
@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from peers import weight_read_pass
 
 from modelkit import GPTModel, generate
-from modelkit.hugepages import advise_huge_pages_, huge_pages_available, model_tensors
-from modelkit.speed import optimize_for_inference
+from modelkit.runtime.hugepages import advise_huge_pages_, huge_pages_available, model_tensors
+from modelkit.runtime.optimize import optimize_for_inference
 
 
 def huge_mb() -> int:

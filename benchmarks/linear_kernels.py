@@ -18,8 +18,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from modelkit.cpu import cpu_info
-from modelkit.onednn import onednn_linear_available
+from modelkit.runtime.cpu import cpu_info
+from modelkit.runtime.onednn import onednn_linear_available
 
 
 def median_ms(fn: Callable[[], object], repeats: int) -> float:

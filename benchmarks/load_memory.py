@@ -39,7 +39,7 @@ def status(key):
     raise KeyError(key)
 
 import torch, modelkit
-from modelkit.checkpoint import load_checkpoint
+from modelkit.weights.checkpoint import load_checkpoint
 torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
 out = {"baseline_rss": status("VmRSS")}
 t = time.perf_counter()
@@ -71,7 +71,7 @@ def write_random_checkpoint(config: str, path: Path, seed: int = 0) -> tuple[int
     import torch
 
     from modelkit import build_model
-    from modelkit.checkpoint import checkpoint_metadata, tied_names
+    from modelkit.weights.checkpoint import checkpoint_metadata, tied_names
 
     t0 = time.perf_counter()
     model = build_model(config, device="meta")

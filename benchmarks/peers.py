@@ -240,8 +240,8 @@ def logits_of(name: str, model: nn.Module, idx: Tensor) -> Tensor:
 
 
 def machine_description(threads: int) -> list[str]:
-    from modelkit.cpu import cpu_info
-    from modelkit.speed import default_path
+    from modelkit.runtime.cpu import cpu_info
+    from modelkit.runtime.optimize import default_path
 
     info = cpu_info()
     mem = next((int(line.split()[1]) / 2**20 for line in Path("/proc/meminfo").read_text().splitlines()
@@ -271,8 +271,8 @@ def write_results(rep: Report) -> Path:
     import transformers
     from cpu_results import cpu_kind, isa_level, write_run
 
-    from modelkit.cpu import cpu_info
-    from modelkit.speed import default_path
+    from modelkit.runtime.cpu import cpu_info
+    from modelkit.runtime.optimize import default_path
 
     info = cpu_info()
     title = f"{isa_level(info).upper()} CPU: {info.model}"
@@ -309,7 +309,7 @@ def bench_prefill(rep: Report, models: dict[str, nn.Module], reps: Reps) -> dict
 
 
 #: batch-1 matmul kernels the weight-read bound tries: F.linear (MKL's sgemm for fp32 on the CPU)
-#: and oneDNN (modelkit.onednn), each with the weights stored both ways, per Linear layer or with each
+#: and oneDNN (modelkit.runtime.onednn), each with the weights stored both ways, per Linear layer or with each
 #: attention's q/k/v weights stacked into one matrix (one matmul reads all three).
 BOUND_KERNELS = ("F.linear", "oneDNN")
 
@@ -321,7 +321,7 @@ def weight_read_pass(model: nn.Module, layout: str, kernel: str = "F.linear",
     contiguous, nn.Linear's default) or ``"columns"`` ((in, out) contiguous), through ``kernel``
     (one of :data:`BOUND_KERNELS`); with ``stack_qkv``, each attention's ``W_query``/``W_key``/``W_value``
     are one stacked matrix; with ``huge_pages``, the copies are moved to 2 MiB pages
-    (:mod:`modelkit.hugepages`). Returns the callable and the bytes it reads."""
+    (:mod:`modelkit.runtime.hugepages`). Returns the callable and the bytes it reads."""
     groups: list[list[nn.Linear]] = []
     stacked: set[int] = set()
     for m in model.modules():
@@ -338,7 +338,7 @@ def weight_read_pass(model: nn.Module, layout: str, kernel: str = "F.linear",
         bs = [lin.bias for lin in group]
         biases.append(None if any(b is None for b in bs) else torch.cat([b.detach() for b in bs]))
     if huge_pages:
-        from modelkit.hugepages import advise_huge_pages_
+        from modelkit.runtime.hugepages import advise_huge_pages_
 
         advise_huge_pages_([*weights, *(b for b in biases if b is not None)])
     inputs = [torch.randn(1, w.shape[1], dtype=w.dtype) for w in weights]
@@ -369,7 +369,7 @@ def handwritten_decode_fn(model: nn.Module, prompt: Tensor) -> Callable[[], Tens
     for blk in model.trf_blocks:
         a, ff = blk.att, blk.ff.layers
         post_op, algorithm = getattr(ff[0], "post_op", ("none", ""))
-        stacked = a.stacked_qkv  # q/k/v weights stored as one matrix (optimize_for_inference)
+        stacked = getattr(a.W_query, "group", None)  # q/k/v stored as one matrix (modelkit.runtime.stacking)
         qkv = (stacked.weight, stacked.bias) if stacked is not None and stacked.weight is not None else None
         layers.append((blk.norm1, qkv, a.W_query, a.W_key, a.W_value, a.out_proj, blk.norm2, ff[0], post_op,
                        algorithm, ff[2]))
@@ -485,15 +485,15 @@ NATIVE_HUGE = "modelkit + native step + huge pages"
 
 
 def bench_decode(rep: Report, models: dict[str, nn.Module], reps: Reps) -> tuple[float, Tensor]:
-    from modelkit.hugepages import huge_pages_available
-    from modelkit.onednn import onednn_linear_available
+    from modelkit.runtime.hugepages import huge_pages_available
+    from modelkit.runtime.onednn import onednn_linear_available
 
     rep.section(f"Decode (greedy, KV cache, {NEW_TOKENS} new tokens after a {PROMPT_LEN}-token prompt, batch 1)",
                 "Time for the whole generate call (prefill included); tokens/s = new tokens / time. modelkit "
                 "decodes with `modelkit.generate` after `optimize_for_inference(model)` (eval mode, oneDNN "
                 "Linear kernels and their weight layout, each attention's q/k/v weights stacked into one "
                 "matrix: what `modelkit generate` does; `generate` calls the model through its inference "
-                "steps, `modelkit.plan`, built once per call); the row below it is the model as built. transformers: `generate(do_sample=False, min_new_tokens=200)`. "
+                "steps, `modelkit.runtime.steps`, built once per call); the row below it is the model as built. transformers: `generate(do_sample=False, min_new_tokens=200)`. "
                 "llms_from_scratch.kv_cache: the package's KV-cache GPT-2 and its greedy loop; its attention "
                 "slices the causal mask's columns instead of its rows (1.0.19), which fails on the first "
                 f"cached step, so that one line is fixed here. {COMPILED}: `optimize_for_inference(model, "
@@ -508,12 +508,12 @@ def bench_decode(rep: Report, models: dict[str, nn.Module], reps: Reps) -> tuple
                 "the bound: decoding cannot beat it without reading fewer bytes per token. "
                 f"{HUGE}: `optimize_for_inference(model, huge_pages=True)`, an opt-in (moving the weights "
                 f"takes ~1 s, not timed). {NATIVE}: `optimize_for_inference(model, native=True)`, an opt-in: "
-                "each cached step is one C++ call running the same kernels (`modelkit.native`; compiled on "
+                "each cached step is one C++ call running the same kernels (`modelkit.runtime.native`; compiled on "
                 f"first use, not timed). {NATIVE_HUGE}: both opt-ins.")
     prompt = torch.randint(0, 50257, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(7))
     fns: dict[str, Callable[[], Any]] = {name: decode_fn(name, model, prompt) for name, model in models.items()}
     torch._dynamo.reset()
-    from modelkit.speed import optimize_for_inference
+    from modelkit.runtime.optimize import optimize_for_inference
 
     compiled = optimize_for_inference(copy.deepcopy(models["modelkit (as built)"]), compile=True)
     fns[COMPILED] = decode_fn("modelkit", compiled, prompt)
@@ -522,7 +522,7 @@ def bench_decode(rep: Report, models: dict[str, nn.Module], reps: Reps) -> tuple
     if huge:
         fns[HUGE] = decode_fn("modelkit", optimize_for_inference(
             copy.deepcopy(models["modelkit (as built)"]), huge_pages=True), prompt)
-    from modelkit.native import NativeBuildError
+    from modelkit.runtime.native import NativeBuildError
 
     try:
         fns[NATIVE] = decode_fn("modelkit", optimize_for_inference(
@@ -662,7 +662,7 @@ def _rss_mib() -> dict[str, float]:
 def xl_child(action: str, path: str) -> None:
     """Run in a subprocess: ``save`` a random gpt2-xl checkpoint, or ``load`` it; print JSON figures."""
     from modelkit import build_model
-    from modelkit.checkpoint import load_checkpoint, save_checkpoint
+    from modelkit.weights.checkpoint import load_checkpoint, save_checkpoint
 
     if action == "save":
         torch.manual_seed(0)
@@ -696,9 +696,9 @@ def bench_xl(rep: Report) -> None:
                 "are read from the file by the first forward pass (here from the page cache: the file was "
                 "just written).")
     try:
-        import modelkit.checkpoint  # noqa: F401
+        import modelkit.weights.checkpoint  # noqa: F401
     except ImportError as exc:
-        rep.add(f"Not measured: modelkit.checkpoint is not available ({exc}).")
+        rep.add(f"Not measured: modelkit.weights.checkpoint is not available ({exc}).")
         return
     with tempfile.TemporaryDirectory(dir=os.environ.get("MODELKIT_BENCH_TMP")) as tmp:
         path = os.path.join(tmp, "gpt2-xl.safetensors")
@@ -756,7 +756,7 @@ def _linear_bytes(model: nn.Module) -> int:
 
 def bench_variants(rep: Report, mk: nn.Module, reps: Reps, mk_tokens: Tensor, with_compile: bool) -> None:
     from modelkit.generation import generate
-    from modelkit.speed import optimize_for_inference
+    from modelkit.runtime.optimize import optimize_for_inference
 
     prompt = torch.randint(0, 50257, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(7))
     batch = torch.randint(0, 50257, (8, 128), generator=torch.Generator().manual_seed(8))
@@ -814,7 +814,7 @@ def bench_compile(rep: Report, mk: nn.Module, reps: Reps, long: Tensor, batch: T
                   mk_tokens: Tensor) -> None:
     from modelkit.generation import generate
 
-    from modelkit.speed import optimize_for_inference
+    from modelkit.runtime.optimize import optimize_for_inference
 
     rep.add("\n**torch.compile** (`optimize_for_inference(model, compile=True)`: the fp32 model of the first "
             "row, optimised and wrapped in `torch.compile` (q/k/v stacked, the stacked matrices checked "
@@ -912,7 +912,7 @@ def main(argv: list[str] | None = None) -> int:
             + ", ".join(f"{n} {d:.1e}" for n, d in diffs.items()))
     assert all(d < 1e-3 for d in diffs.values()), diffs
 
-    from modelkit.speed import optimize_for_inference
+    from modelkit.runtime.optimize import optimize_for_inference
 
     mk_fast = optimize_for_inference(copy.deepcopy(mk))
     if "prefill" in only:
@@ -926,7 +926,7 @@ def main(argv: list[str] | None = None) -> int:
         del dec
     del mk_fast
     if "train" in only:
-        from modelkit.onednn import use_onednn_linear_
+        from modelkit.runtime.onednn import use_onednn_linear_
 
         mk_train = copy.deepcopy(mk)
         use_onednn_linear_(mk_train)

@@ -7,21 +7,21 @@ The small public API::
 Every exception modelkit raises on purpose derives from :class:`ModelkitError`.
 """
 
-from .cpu import apply_forced_capability
+from .runtime.cpu import apply_forced_capability
 
-apply_forced_capability()  # MODELKIT_CPU_CAPABILITY: before any kernel runs (see modelkit.cpu)
+apply_forced_capability()  # MODELKIT_CPU_CAPABILITY: before any kernel runs (see modelkit.runtime.cpu)
 
 from .builder import build_model  # noqa: E402
-from .checkpoint import load_book_checkpoint, load_checkpoint, read_checkpoint, save_checkpoint
+from .weights.checkpoint import load_book_checkpoint, load_checkpoint, read_checkpoint, save_checkpoint
 from .errors import CheckpointError, GenerationError, ModelkitError, PluginError, RegistryError, SpecError
 from .generation import generate, stream_generate
-from .hf import export_hf_gpt2, load_hf_gpt2
+from .weights.hf import export_hf_gpt2, load_hf_gpt2
 from .introspect import count_parameters
 from .model import GPTModel
 from .registry import KINDS, SubComponent, get_registry, register, registries
 from .spec import ComponentSpec, ModelSpec, load_spec
+from .version import __version__
 
-__version__ = "0.1.0"
 
 __all__ = [
     "KINDS", "CheckpointError", "ComponentSpec", "GPTModel", "GenerationError", "ModelSpec", "ModelkitError",

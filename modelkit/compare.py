@@ -16,7 +16,7 @@ dominates small models) and both attention matmuls are counted. Not counted: emb
 biases, norms, activations, softmax. No causal discount (every token is charged the full context).
 A training step costs about 3 F per token (forward + backward).
 
-Speed (forward and KV-cache decode tokens/s) is timed after :func:`~modelkit.speed.optimize_for_inference`,
+Speed (forward and KV-cache decode tokens/s) is timed after :func:`~modelkit.runtime.optimize_for_inference`,
 the way ``modelkit generate`` runs a model; gradient norms are taken on the model as built, before.
 """
 
@@ -41,7 +41,7 @@ from .components.base import FeedForward
 from .errors import ModelkitError
 from .introspect import count_parameters
 from .spec import ModelSpec, load_spec
-from .speed import optimize_for_inference
+from .runtime.optimize import optimize_for_inference
 
 
 class CompareError(ModelkitError, ValueError):
@@ -243,7 +243,7 @@ def ffn_grad_norms(model: nn.Module, inputs: Tensor, targets: Tensor) -> list[fl
 def grad_norm_batch(spec: ModelSpec, batch: int, seq_len: int, seed: int, text: str | None) -> tuple[Tensor, Tensor]:
     """Inputs/targets for the gradient-norm measurement: the first windows of ``text``, else random ids."""
     if text is not None:
-        from .data import GPTDatasetV1
+        from .training.dataset import GPTDatasetV1
 
         data = GPTDatasetV1(text, max_length=seq_len, stride=seq_len)
         if len(data) == 0:
@@ -327,7 +327,7 @@ def compare(specs: Sequence[ModelSpec | Mapping[str, Any] | str], options: Compa
 
 def write_plots(reports: Sequence[VariantReport], out_dir: str | Path) -> list[Path]:
     """loss_curves.png (if any variant was trained) and grad_norms.png (if measured); their paths."""
-    from .plots import plot_grad_norms, plot_loss_curves
+    from .training.plots import plot_grad_norms, plot_loss_curves
 
     written = []
     if any(r.metrics for r in reports):

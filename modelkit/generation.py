@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from .errors import GenerationError
-from .plan import Step, step_of
+from .runtime.decode import decoding_forward
 
 if TYPE_CHECKING:
     from .model import GPTModel
@@ -222,15 +222,6 @@ def _start(model: GPTModel, idx: Tensor, max_new_tokens: int, context_size: int 
                    use_cache, generator)
 
 
-def _native_forward(model: GPTModel) -> Step | None:
-    """The native decode step when the model asks for it (``native_decode``) and is what it implements."""
-    if not getattr(model, "native_decode", False):
-        return None
-    from .native import native_step
-
-    return native_step(model)
-
-
 def _decode(model: GPTModel, idx: Tensor, max_new_tokens: int, context_size: int, temperature: float,
             top_k: int | None, top_p: float | None, eos_id: int | None, use_cache: bool,
             generator: torch.Generator | None) -> Iterator[Tensor]:
@@ -241,9 +232,9 @@ def _decode(model: GPTModel, idx: Tensor, max_new_tokens: int, context_size: int
     window = idx[:, -context_size:]
     length = window.shape[1]  # tokens in the window (== cached tokens while the cache is valid)
     finished = torch.zeros(idx.shape[0], 1, dtype=torch.bool, device=idx.device) if eos_id is not None else None
-    # The model's forward as plain function calls, checked once for this generation (modelkit.plan),
-    # or as one C++ call per step when optimize_for_inference(native=True) asked for it (modelkit.native).
-    forward = _native_forward(model) or step_of(model)
+    # The model's forward as the runtime's inference steps, checked once for this generation, or the
+    # native step where optimize_for_inference(native=True) chose it (modelkit.runtime.decode).
+    forward = decoding_forward(model)
     with torch.inference_mode():
         # A prompt that fills the window leaves nothing for a cache to reuse: every later step shifts.
         cache = model.new_cache() if use_cache and length < context_size else None

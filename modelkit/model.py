@@ -10,11 +10,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .builder import SpecBlockParts, build_component
 from .cache import KVCache
 from .components.base import Block, Dropout, LayerContext, Positional
-from .plan import Step, step_of
+from .components.build import SpecBlockParts, build_component
 from .spec import ModelSpec, load_spec
+
+#: What stands for a part in :meth:`GPTModel.forward_with`: the module, or a function computing the same.
+Part = Callable[..., Tensor]
 
 
 class GPTModel(nn.Module):
@@ -43,10 +45,6 @@ class GPTModel(nn.Module):
         if spec.init == "gpt2":
             init_gpt2_(self)
 
-    #: Decode with the native (C++) step when the model is the composition it implements: set by
-    #: ``optimize_for_inference(native=True)``, read by :func:`modelkit.generate` (see modelkit.native).
-    native_decode: bool = False
-
     @property
     def context_length(self) -> int:
         return self.spec.context_length
@@ -62,25 +60,14 @@ class GPTModel(nn.Module):
         and the cache is extended. ``last_only`` computes logits for the last position only
         (``(batch, 1, vocab_size)``), which is what generation needs.
         """
-        return self._run(in_idx, cache, last_only, self.tok_emb, self.drop_emb, self.trf_blocks, self.final_norm,
-                         self.out_head)
+        return self.forward_with(in_idx, cache, last_only, self.tok_emb, self.drop_emb, self.trf_blocks,
+                                 self.final_norm, self.out_head)
 
-    def inference_step(self) -> Callable[..., Tensor] | None:
-        """``forward`` as one function of its parts' inference steps (:mod:`modelkit.plan`), for
-        :func:`modelkit.generate`: same arguments, same logits, without the per-module overhead."""
-        if self.training:
-            return None
-        parts = (step_of(self.tok_emb), step_of(self.drop_emb), [step_of(b) for b in self.trf_blocks],
-                 step_of(self.final_norm), step_of(self.out_head))
-
-        def step(in_idx: Tensor, *, cache: KVCache | None = None, last_only: bool = False) -> Tensor:
-            return self._run(in_idx, cache, last_only, *parts)
-
-        return step
-
-    def _run(self, in_idx: Tensor, cache: KVCache | None, last_only: bool, tok_emb: Step, drop_emb: Step,
-             blocks: Iterable[Step], final_norm: Step, out_head: Step) -> Tensor:
-        """The forward pass, given the parts to call (the modules, or their inference steps)."""
+    def forward_with(self, in_idx: Tensor, cache: KVCache | None, last_only: bool, tok_emb: Part, drop_emb: Part,
+                     blocks: Iterable[Part], final_norm: Part, out_head: Part) -> Tensor:
+        """:meth:`forward` with the given callables standing for the parts (``forward`` passes the
+        modules; a caller may pass functions computing the same). Positions and the cache are handled
+        here, so callers only choose how each part is computed."""
         _, seq_len = in_idx.shape
         start = cache.length if cache is not None else 0
         if start + seq_len > self.spec.context_length:

@@ -25,7 +25,7 @@ def tiny_cfg(**overrides: Any) -> dict[str, Any]:
 
 def pytest_report_header(config: pytest.Config) -> str:
     """The CPU the suite runs on and what PyTorch and oneDNN use on it (CI logs show which paths ran)."""
-    from modelkit.cpu import cpu_info
+    from modelkit.runtime.cpu import cpu_info
 
     info = cpu_info()
     forced = f"; forced: MODELKIT_CPU_CAPABILITY={info.forced}" if info.forced else ""
@@ -36,7 +36,7 @@ def pytest_report_header(config: pytest.Config) -> str:
 def pytest_configure(config: pytest.Config) -> None:
     """Refuse a forced pass that did not take (a kernel ran before modelkit set the variables): it would
     test nothing new."""
-    from modelkit.cpu import CAPABILITIES, cpu_info
+    from modelkit.runtime.cpu import CAPABILITIES, cpu_info
 
     info = cpu_info()
     levels = list(CAPABILITIES)  # lowest first
@@ -49,8 +49,8 @@ def skip_without_bf16_kernel() -> None:
     """Skip a test that runs bfloat16 Linear layers where no kernel computes them here (a capped
     ONEDNN_MAX_CPU_ISA can take PyTorch's bf16 matmul away too): ``optimize_for_inference`` then
     raises SpeedOptionError instead, which test_cpu.py tests on every machine."""
-    from modelkit.cpu import aten_linear_works
-    from modelkit.onednn import onednn_linear_available
+    from modelkit.runtime.cpu import aten_linear_works
+    from modelkit.runtime.onednn import onednn_linear_available
 
     if not (onednn_linear_available(torch.bfloat16) or aten_linear_works(torch.bfloat16)):
         pytest.skip("no kernel computes a bfloat16 Linear layer on this CPU (modelkit info --device)")

@@ -16,7 +16,7 @@ from torch import Tensor
 
 import modelkit
 from modelkit import CheckpointError, build_model
-from modelkit.checkpoint import (
+from modelkit.weights.checkpoint import (
     checkpoint_metadata,
     load_book_checkpoint,
     load_checkpoint,

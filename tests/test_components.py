@@ -14,7 +14,7 @@ from book_reference import TransformerBlock as BookBlock
 from conftest import tiny_cfg
 
 from modelkit import load_spec
-from modelkit.builder import SpecBlockParts, build_component
+from modelkit.components.build import SpecBlockParts, build_component
 from modelkit.components.kernels import attention_kernel_names, get_attention_kernel
 from modelkit.spec import ComponentSpec
 

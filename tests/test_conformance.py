@@ -17,6 +17,7 @@ from modelkit import get_registry, register
 from modelkit.components.attention import MultiHeadAttention
 from modelkit.components.base import Activation, FeedForward, LayerContext, ModelDims, NoPositional, Norm, Positional
 from modelkit.components.kernels import attention_kernel_names
+from modelkit.runtime.steps import register_step
 from modelkit.testing import CHECKS, builtin_components, check_component, tiny_dims, tiny_spec
 
 
@@ -145,7 +146,7 @@ class PeekingNorm(Norm):
 
 
 class StepWithOtherActivation(FeedForward):
-    """Its inference step uses ReLU where its forward uses GELU."""
+    """Its runtime step (registered below) uses ReLU where its forward uses GELU."""
 
     def __init__(self, dims: ModelDims) -> None:
         super().__init__()
@@ -154,8 +155,12 @@ class StepWithOtherActivation(FeedForward):
     def forward(self, x: Tensor) -> Tensor:
         return self.down(F.gelu(self.up(x)))
 
-    def inference_step(self) -> Callable[[Tensor], Tensor]:
-        return lambda x: self.down(F.relu(self.up(x)))
+
+
+@register_step(StepWithOtherActivation)
+def _relu_step(ff: StepWithOtherActivation) -> Callable[[Tensor], Tensor]:
+    """A runtime step registered for the class (as a plugin's runtime module would) that is wrong."""
+    return lambda x: ff.down(F.relu(ff.up(x)))
 
 
 BROKEN: dict[str, tuple[str, type, set[str]]] = {

@@ -16,16 +16,16 @@ import torch
 from conftest import REPO, skip_without_bf16_kernel, tiny_cfg
 from torch import nn
 
-import modelkit.onednn
-import modelkit.quantize
-import modelkit.speed
+import modelkit.runtime.onednn
+import modelkit.runtime.quantize
+import modelkit.runtime.optimize
 from modelkit import build_model
 from modelkit.cli import main
-from modelkit.cpu import aten_linear_works, cpu_info, hardware_flags, onednn_isa, onednn_isas
+from modelkit.runtime.cpu import aten_linear_works, cpu_info, hardware_flags, onednn_isa, onednn_isas
 from modelkit.generation import generate
-from modelkit.onednn import onednn_dtypes, onednn_linear_available
-from modelkit.quantize import Int8Linear
-from modelkit.speed import kernel_report, native_build_problem, optimize_for_inference
+from modelkit.runtime.onednn import onednn_dtypes, onednn_linear_available
+from modelkit.runtime.quantize import Int8Linear
+from modelkit.runtime.optimize import kernel_report, native_build_problem, optimize_for_inference
 
 pytestmark = pytest.mark.speed
 
@@ -80,7 +80,7 @@ def _python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_a_forced_capability_reaches_pytorch_and_onednn():
-    code = ("import json, os, torch, modelkit; from modelkit.onednn import onednn_dtypes, onednn_linear_available; "
+    code = ("import json, os, torch, modelkit; from modelkit.runtime.onednn import onednn_dtypes, onednn_linear_available; "
             "print(json.dumps([torch.backends.cpu.get_cpu_capability(), os.environ['ONEDNN_MAX_CPU_ISA'], "
             "sorted(str(d) for d in onednn_dtypes())]))")
     result = _python(code, MODELKIT_CPU_CAPABILITY="default")
@@ -138,12 +138,12 @@ def test_every_speed_option_gives_the_float32_tokens_or_one_line_naming_what_is_
 def without_onednn_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
     """This process behaves as on a CPU whose oneDNN has no bfloat16 kernels (an AVX2 CPU)."""
     fp32_only = onednn_dtypes() - {torch.bfloat16}
-    monkeypatch.setattr(modelkit.onednn, "onednn_dtypes", lambda: fp32_only)
-    monkeypatch.setattr(modelkit.onednn, "_DTYPES", fp32_only)
+    monkeypatch.setattr(modelkit.runtime.onednn, "onednn_dtypes", lambda: fp32_only)
+    monkeypatch.setattr(modelkit.runtime.onednn, "_DTYPES", fp32_only)
 
 
 def test_bf16_without_any_bf16_kernel_is_one_clear_error(without_onednn_bf16, monkeypatch, capsys):
-    monkeypatch.setattr(modelkit.speed, "aten_linear_works", lambda dtype: False)
+    monkeypatch.setattr(modelkit.runtime.optimize, "aten_linear_works", lambda dtype: False)
     with pytest.raises(modelkit.errors.SpeedOptionError,
                        match=r"dtype bfloat16: no Linear kernel works on this CPU: oneDNN has no bfloat16 inner product"):
         optimize_for_inference(build_model(CFG), dtype="bf16")
@@ -168,7 +168,7 @@ def test_bf16_without_onednn_bf16_runs_pytorchs_linear_and_keeps_the_answers(wit
 
 
 def test_int8_without_its_kernel_computes_with_the_dequantized_weight(monkeypatch):
-    monkeypatch.setattr(modelkit.quantize, "int8_kernel_available", lambda: False)
+    monkeypatch.setattr(modelkit.runtime.quantize, "int8_kernel_available", lambda: False)
     torch.manual_seed(1)
     linear = nn.Linear(64, 48)
     layer = Int8Linear.from_linear(linear)

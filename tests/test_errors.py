@@ -39,10 +39,10 @@ def test_every_exception_modelkit_defines_derives_from_modelkit_error():
 
 def test_each_error_keeps_its_builtin_base():
     from modelkit.compare import CompareError
-    from modelkit.data import DataError
+    from modelkit.training.dataset import DataError
     from modelkit.errors import DeviceError, SpeedOptionError, UnknownComponentError
-    from modelkit.native import NativeBuildError, NativeUnsupportedError
-    from modelkit.plots import PlotError
+    from modelkit.runtime.native import NativeBuildError, NativeUnsupportedError
+    from modelkit.training.plots import PlotError
     from modelkit.tokenizer import TokenizerAssetError
     from modelkit.train import TrainError
 
@@ -56,7 +56,7 @@ def test_each_error_keeps_its_builtin_base():
 
 
 def test_speed_options_refuse_bad_values_with_a_modelkit_error():
-    from modelkit.speed import optimize_for_inference, parse_dtype
+    from modelkit.runtime.optimize import optimize_for_inference, parse_dtype
 
     model = modelkit.build_model(REPO / "configs/tiny.json", device="meta")
     with pytest.raises(ModelkitError, match="unknown dtype 'fp64'"):

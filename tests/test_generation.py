@@ -407,7 +407,7 @@ def test_python_dash_m_modelkit_generate_runs(tiny_config: Path) -> None:
 
 def test_cli_generates_with_a_saved_checkpoint(tmp_path: Path, tiny_config: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
-    checkpoint = pytest.importorskip("modelkit.checkpoint")
+    checkpoint = pytest.importorskip("modelkit.weights.checkpoint")
     torch.manual_seed(77)  # weights the CLI's seed (123) would not build
     model = GPTModel(tiny_config).eval()
     path = tmp_path / "tiny.safetensors"
@@ -426,7 +426,7 @@ def test_cli_generates_with_a_saved_checkpoint(tmp_path: Path, tiny_config: Path
 
 def test_cli_refuses_a_config_that_differs_from_the_checkpoints_spec(tmp_path: Path, tiny_config: Path,
                                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    checkpoint = pytest.importorskip("modelkit.checkpoint")
+    checkpoint = pytest.importorskip("modelkit.weights.checkpoint")
     path = tmp_path / "tiny.safetensors"
     checkpoint.save_checkpoint(GPTModel(tiny_config), path)
     other = tmp_path / "other.json"
@@ -438,7 +438,7 @@ def test_cli_refuses_a_config_that_differs_from_the_checkpoints_spec(tmp_path: P
 
 def test_cli_loads_the_books_state_dict_with_its_config(tmp_path: Path, tiny_config: Path,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
-    pytest.importorskip("modelkit.checkpoint")
+    pytest.importorskip("modelkit.weights.checkpoint")
     torch.manual_seed(78)
     model = GPTModel(tiny_config).eval()
     path = tmp_path / "model.pth"

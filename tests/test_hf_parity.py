@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 from modelkit import CheckpointError, build_model, load_spec
-from modelkit.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from modelkit.weights.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from modelkit.cli import main as cli_main
 from modelkit.generation import generate
-from modelkit.hf import export_hf_gpt2, load_hf_gpt2, spec_from_hf_config
+from modelkit.weights.hf import export_hf_gpt2, load_hf_gpt2, spec_from_hf_config
 
 transformers = pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).parent))

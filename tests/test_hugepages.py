@@ -1,4 +1,4 @@
-"""modelkit.hugepages: weights moved to 2 MiB pages keep their addresses and values, the kernel
+"""modelkit.runtime.hugepages: weights moved to 2 MiB pages keep their addresses and values, the kernel
 reports the huge pages, and where THP is unavailable nothing happens."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import modelkit.hugepages as hp
+import modelkit.runtime.hugepages as hp
 from conftest import tiny_cfg
 from modelkit import build_model, generate
 from modelkit.cli import main
-from modelkit.speed import optimize_for_inference
+from modelkit.runtime.optimize import optimize_for_inference
 
 pytestmark = pytest.mark.speed
 

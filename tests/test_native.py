@@ -1,4 +1,4 @@
-"""modelkit.native: the C++ decode step computes the Python steps' logits bit for bit, is really
+"""modelkit.runtime.native: the C++ decode step computes the Python steps' logits bit for bit, is really
 taken when it applies, and gives way to the Python steps whenever it does not."""
 
 from __future__ import annotations
@@ -7,10 +7,12 @@ import pytest
 import torch
 from torch import Tensor
 
-from modelkit import GPTModel, generate, native
-from modelkit.onednn import onednn_linear_available
-from modelkit.plan import step_of
-from modelkit.speed import optimize_for_inference
+from modelkit import GPTModel, generate
+from modelkit.runtime import native
+from modelkit.runtime.decode import native_decoder_chosen
+from modelkit.runtime.onednn import onednn_linear_available
+from modelkit.runtime.steps import step_of
+from modelkit.runtime.optimize import optimize_for_inference
 from modelkit.testing import tiny_model_spec
 
 pytestmark = [pytest.mark.speed,
@@ -41,11 +43,11 @@ def ids(batch: int = 2, n: int = 7, seed: int = 1) -> Tensor:
 
 
 def no_python_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
-    """From here on, the Python forward (modules and inference steps alike run ``GPTModel._run``)
+    """From here on, the Python forward (modules and inference steps alike run ``GPTModel.forward_with``)
     fails: a test that still gets logits got them from the C++ step."""
     def refuse(*args: object, **kwargs: object) -> Tensor:
         raise AssertionError("the native step fell back to the Python steps")
-    monkeypatch.setattr(GPTModel, "_run", refuse)
+    monkeypatch.setattr(GPTModel, "forward_with", refuse)
 
 
 def test_cached_logits_equal_the_python_steps_bit_for_bit_and_come_from_cpp(monkeypatch) -> None:
@@ -72,7 +74,7 @@ def test_cached_logits_equal_the_python_steps_bit_for_bit_and_come_from_cpp(monk
 def test_native_generate_gives_the_python_steps_tokens_greedy_and_sampled(monkeypatch) -> None:
     reference = tiny()
     model = optimize_for_inference(tiny(), native=True)
-    assert model.native_decode and not reference.native_decode
+    assert native_decoder_chosen(model) and not native_decoder_chosen(reference)
     prompt = ids()
     want = [generate(reference, prompt, 12), generate(reference, prompt, 12, temperature=1.3, top_k=20, seed=5)]
     no_python_fallback(monkeypatch)
@@ -113,7 +115,7 @@ def test_another_composition_is_refused_with_the_part_that_differs(overrides, pa
     assert native.native_step(model) is None
     with pytest.raises(ValueError, match=part):
         optimize_for_inference(model, native=True)
-    assert not model.native_decode
+    assert not native_decoder_chosen(model)
 
 
 def test_native_needs_optimized_float32_weights_and_excludes_compile() -> None:

@@ -1,4 +1,4 @@
-"""oneDNN Linear layers (modelkit.onednn): same maths as F.linear, same parameters, training untouched.
+"""oneDNN Linear layers (modelkit.runtime.onednn): same maths as F.linear, same parameters, training untouched.
 
 References are ``F.linear`` (an independent kernel: MKL on the CPU) and float64 matmuls; speed is
 measured by ``benchmarks/peers.py``, not here.
@@ -17,14 +17,9 @@ from torch import nn
 from modelkit import build_model
 from modelkit.errors import SpeedOptionError
 from modelkit.generation import generate
-from modelkit.onednn import (
-    OneDNNLinear,
-    StackedLinearsCheck,
-    onednn_linear_available,
-    stacked_linears_of,
-    use_onednn_linear_,
-)
-from modelkit.speed import inductor_cpu_problem, optimize_for_inference
+from modelkit.runtime.onednn import OneDNNLinear, onednn_linear_available, use_onednn_linear_
+from modelkit.runtime.stacking import StackedLinear, StackedLinears
+from modelkit.runtime.optimize import inductor_cpu_problem, optimize_for_inference
 
 pytestmark = [pytest.mark.speed,
               pytest.mark.skipif(not onednn_linear_available(), reason="this PyTorch build has no oneDNN linear op")]
@@ -126,10 +121,10 @@ def test_kernel_choice_and_a_build_without_onednn(monkeypatch):
     assert type(optimize_for_inference(model(), linear_kernel="aten").out_head) is nn.Linear
     with pytest.raises(ValueError, match="unknown linear_kernel 'mkl'"):
         optimize_for_inference(model(), linear_kernel="mkl")
-    import modelkit.onednn
+    import modelkit.runtime.onednn
 
-    monkeypatch.setattr(modelkit.onednn, "onednn_dtypes", lambda: frozenset())  # a build without the op
-    monkeypatch.setattr(modelkit.onednn, "_DTYPES", frozenset())
+    monkeypatch.setattr(modelkit.runtime.onednn, "onednn_dtypes", lambda: frozenset())  # a build without the op
+    monkeypatch.setattr(modelkit.runtime.onednn, "_DTYPES", frozenset())
     assert type(optimize_for_inference(model()).out_head) is nn.Linear  # auto: falls back quietly
     with pytest.raises(SpeedOptionError, match="linear_kernel='onednn': this PyTorch build has no working oneDNN"):
         optimize_for_inference(model(), linear_kernel="onednn")
@@ -138,10 +133,10 @@ def test_kernel_choice_and_a_build_without_onednn(monkeypatch):
 @pytest.mark.parametrize("onednn_faster", [True, False], ids=["avx512", "avx2"])
 def test_training_on_onednn_follows_the_f_linear_run_and_auto_takes_the_faster_kernel(monkeypatch, onednn_faster):
     # benchmarks/peers.py, training step: oneDNN 1.39-1.61x PyTorch's kernels with AVX-512, 0.87x with AVX2
-    import modelkit.speed
+    import modelkit.runtime.optimize
     from modelkit.train import TrainConfig, TrainError, train
 
-    monkeypatch.setattr(modelkit.speed, "onednn_trains_faster", lambda: onednn_faster)
+    monkeypatch.setattr(modelkit.runtime.optimize, "onednn_trains_faster", lambda: onednn_faster)
     ids = torch.randint(0, CFG["vocab_size"], (600,), generator=torch.Generator().manual_seed(8)).tolist()
     runs, calls = {}, uses_onednn(monkeypatch)
     for kernel in ("aten", "onednn", "auto"):
@@ -159,7 +154,7 @@ def test_training_on_onednn_follows_the_f_linear_run_and_auto_takes_the_faster_k
 
 @pytest.mark.parametrize("activation", ["gelu", "gelu_exact", "relu", "silu"])
 def test_fused_activation_computes_the_unfused_layers(activation):
-    from modelkit.onednn import OneDNNLinearActivation
+    from modelkit.runtime.onednn import OneDNNLinearActivation
 
     ff = {"type": "mlp", "activation": activation}
     ref, fast = model(feedforward=ff), optimize_for_inference(model(feedforward=ff))
@@ -181,7 +176,7 @@ def test_fused_activation_computes_the_unfused_layers(activation):
 
 
 def test_quantizing_a_fused_model_is_refused_rather_than_dropping_activations():
-    from modelkit.quantize import quantize_int8_
+    from modelkit.runtime.quantize import quantize_int8_
 
     with pytest.raises(ValueError, match="fused with their activations"):
         quantize_int8_(optimize_for_inference(model()))
@@ -210,35 +205,31 @@ def test_optimized_model_compiles_with_inductor_keeps_its_tokens_and_its_onednn_
                 calls = uses_onednn(patch)
                 out = compiled(idx)
             # (unpatched again: Inductor's passes look the op up when compiling)
-            assert calls[0] == n_linear - 2 * CFG["n_layers"]  # q/k/v stacked: one matmul per attention
+            # Compiled code cannot check a stacked matrix's addresses: each layer is its own oneDNN call.
+            assert calls[0] == n_linear
             assert torch.allclose(out, ref(idx), atol=1e-5)
+        assert not any(isinstance(m, StackedLinear) for m in fast.modules())
         assert torch.equal(generate(compiled, idx, 8), generate(ref, idx, 8))
-        # A weight re-assigned with the same dtype, shape and strides is invisible to the compiled
-        # code's guards; the pointer check before the call releases the stale matrix (a recompile).
-        att = fast.trf_blocks[0].att
-        torch.manual_seed(14)
-        new_w = torch.randn(att.W_key.weight.shape)
-        att.W_key.weight.data = new_w.t().contiguous().t()  # column-major, as optimize_for_inference stores it
-        with torch.no_grad():
-            ref.trf_blocks[0].att.W_key.weight.copy_(new_w)
-        with torch.inference_mode():
-            assert torch.allclose(compiled(idx), ref(idx), atol=1e-5)
-        assert att.stacked_qkv is not None and att.stacked_qkv.weight is None
     finally:
         torch._dynamo.reset()
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # inside Inductor
-def test_optimizing_for_compile_twice_keeps_one_pointer_check_of_the_current_groups():
-    # Each call used to add one more StackedLinearsCheck hook: the checks piled up before every call.
-    if inductor_cpu_problem() is not None:
-        pytest.skip(inductor_cpu_problem())
-    fast = model()
-    optimize_for_inference(fast, compile=True)
-    optimize_for_inference(fast, compile=True)
-    checks = [h for h in fast._forward_pre_hooks.values() if isinstance(h, StackedLinearsCheck)]
-    assert len(checks) == 1
-    assert checks[0].groups == stacked_linears_of(fast) and len(checks[0].groups) == CFG["n_layers"]
+def _inductor_gradients_problem(idx: torch.Tensor) -> str | None:
+    """Why Inductor's gradients of the model as built (no modelkit kernel in it) differ from eager
+    ones on this CPU, or None. Seen with torch 2.13 on an AVX-512 AMD EPYC (Zen 5) with one thread
+    under ATEN_CPU_CAPABILITY=avx2: NaN gradients, a PyTorch bug the test below cannot see past."""
+    eager, plain = model().train(), model().train()
+    try:
+        eager(idx).square().mean().backward()
+        torch.compile(plain)(idx).square().mean().backward()
+    finally:
+        torch._dynamo.reset()
+    wrong = [n for (n, p), q in zip(eager.named_parameters(), plain.parameters())
+             if not torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-4)]
+    if not wrong:
+        return None
+    return (f"PyTorch's Inductor computes wrong gradients for the plain model here ({', '.join(wrong[:3])}, ...; "
+            f"PyTorch kernels {torch.backends.cpu.get_cpu_capability()}): a PyTorch bug, not modelkit's")
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # inside Inductor
@@ -247,9 +238,12 @@ def test_compiled_training_step_takes_inductors_kernels_and_matches_eager_gradie
         pytest.skip(inductor_cpu_problem())
     torch._dynamo.reset()
     ref, fast = model().train(), model().train()
+    idx = torch.randint(0, CFG["vocab_size"], (2, 6), generator=torch.Generator().manual_seed(11))
+    problem = _inductor_gradients_problem(idx)
+    if problem is not None:
+        pytest.skip(problem)
     use_onednn_linear_(fast)
     compiled = torch.compile(fast)
-    idx = torch.randint(0, CFG["vocab_size"], (2, 6), generator=torch.Generator().manual_seed(11))
     try:
         torch.manual_seed(5)
         ref(idx).square().mean().backward()
@@ -269,7 +263,7 @@ def test_compiled_training_step_takes_inductors_kernels_and_matches_eager_gradie
 
 
 # ---------------------------------------------------------------------------------------------
-# q/k/v stacked into one matrix (StackedLinears)
+# q/k/v stacked into one matrix (modelkit.runtime.stacking)
 
 
 def test_optimized_attention_reads_q_k_v_in_one_matmul_with_unchanged_parameters(monkeypatch):
@@ -277,7 +271,8 @@ def test_optimized_attention_reads_q_k_v_in_one_matmul_with_unchanged_parameters
     fast = model()
     ids_before = {name: id(p) for name, p in fast.named_parameters()}
     optimize_for_inference(fast)
-    assert all(blk.att.stacked_qkv is not None for blk in fast.trf_blocks)
+    assert all(type(blk.att.W_query) is StackedLinear and blk.att.W_query.group.members == [
+        blk.att.W_query, blk.att.W_key, blk.att.W_value] for blk in fast.trf_blocks)
     assert {name: id(p) for name, p in fast.named_parameters()} == ids_before  # the same Parameter objects
     for (name, a), b in zip(ref.state_dict().items(), fast.state_dict().values()):
         assert torch.equal(a, b), name  # names and values unchanged
@@ -290,8 +285,12 @@ def test_optimized_attention_reads_q_k_v_in_one_matmul_with_unchanged_parameters
     with torch.inference_mode():
         assert torch.allclose(out, ref(idx), atol=1e-5)
         assert torch.equal(generate(fast, idx[:1], 8), generate(ref, idx[:1], 8))
-    copied = copy.deepcopy(fast)  # a copy keeps its parameters inside its own stacked matrix
+    copied = copy.deepcopy(fast)  # parameters copied one by one: the copy's groups are released
     with torch.inference_mode():
+        calls[0] = 0
+        assert torch.allclose(copied(idx), out, atol=1e-6)
+        assert calls[0] == n_linear
+        optimize_for_inference(copied)  # stacks them again
         calls[0] = 0
         assert torch.allclose(copied(idx), out, atol=1e-6)
     assert calls[0] == n_linear - 2 * CFG["n_layers"]
@@ -324,7 +323,7 @@ def test_stacked_q_k_v_fall_back_to_three_layers_when_observed_trained_or_moved(
     fast.to(torch.float64)
     with torch.inference_mode():
         assert torch.allclose(fast(idx), other.double()(idx), atol=1e-10)
-    assert att.stacked_qkv is not None and att.stacked_qkv.weight is None
+    assert att.W_query.group.weight is None
 
 
 def test_a_block_of_a_wider_matrix_is_computed_by_f_linear_not_onednns_slow_copy(monkeypatch):
@@ -341,8 +340,6 @@ def test_a_block_of_a_wider_matrix_is_computed_by_f_linear_not_onednns_slow_copy
 
 
 def test_stacking_refuses_layers_that_cannot_share_one_matrix():
-    from modelkit.onednn import StackedLinears
-
     def lin(n_in: int, n_out: int, bias: bool = True) -> OneDNNLinear:
         return OneDNNLinear.from_linear(nn.Linear(n_in, n_out, bias=bias))
 
@@ -350,8 +347,6 @@ def test_stacking_refuses_layers_that_cannot_share_one_matrix():
         StackedLinears([lin(8, 4), lin(6, 4)])
     with pytest.raises(ValueError, match="biases"):
         StackedLinears([lin(8, 4), lin(8, 4, bias=False)])
-    with pytest.raises(ValueError, match="OneDNNLinear"):
-        StackedLinears([nn.Linear(8, 4), lin(8, 4)])  # type: ignore[list-item]
 
 
 def test_checkpoint_of_an_optimized_model_round_trips(tmp_path):

@@ -13,15 +13,15 @@ import torch
 from conftest import skip_without_bf16_kernel, tiny_cfg
 from torch import nn
 
-import modelkit.speed
+import modelkit.runtime.optimize
 from modelkit import build_model
 from modelkit.cli import main
-from modelkit.cpu import hardware_flags
+from modelkit.runtime.cpu import hardware_flags
 from modelkit.errors import SpeedOptionError
 from modelkit.generation import generate
-from modelkit.onednn import onednn_linear_available
-from modelkit.quantize import SMALL_BATCH, Int8Linear, quantize_int8_, quantize_weight_int8
-from modelkit.speed import optimize_for_inference, parse_dtype, set_weight_layout_
+from modelkit.runtime.onednn import onednn_linear_available
+from modelkit.runtime.quantize import SMALL_BATCH, Int8Linear, quantize_int8_, quantize_weight_int8
+from modelkit.runtime.optimize import optimize_for_inference, parse_dtype, set_weight_layout_
 
 pytestmark = pytest.mark.speed
 
@@ -181,7 +181,7 @@ def test_column_major_weights_keep_values_names_and_outputs():
 
 
 def test_column_major_model_trains_and_saves_like_the_row_major_one(tmp_path):
-    from modelkit.checkpoint import load_checkpoint, save_checkpoint
+    from modelkit.weights.checkpoint import load_checkpoint, save_checkpoint
 
     models = [fp32_model().train(), set_weight_layout_(fp32_model().train(), "columns")]
     idx = torch.randint(0, CFG["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(7))
@@ -206,7 +206,7 @@ def test_tied_head_keeps_the_embeddings_layout():
                          [(None, "aten", "columns"), (None, "onednn", "columns"), ("bf16", "aten", "rows"), ("bf16", "onednn", "rows")])
 def test_optimize_for_inference_picks_the_layout_measured_fastest_on_the_cpu(monkeypatch, dtype, kernel, layout, avx512):
     # benchmarks/cpu_defaults.py: fp32 column-major decodes faster with AVX-512, and only prefills slower with AVX2
-    monkeypatch.setattr(modelkit.speed, "_columns_pay_off", lambda: avx512)
+    monkeypatch.setattr(modelkit.runtime.optimize, "_columns_pay_off", lambda: avx512)
     layout = layout if avx512 else "rows"
     if kernel == "onednn" and not onednn_linear_available():
         pytest.skip("this PyTorch build has no oneDNN linear op")

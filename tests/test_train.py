@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 from torch.utils.data import DistributedSampler
 
 from modelkit import build_model
-from modelkit.checkpoint import load_checkpoint
+from modelkit.weights.checkpoint import load_checkpoint
 from modelkit.cli import main
-from modelkit.data import DataError, GPTDatasetV1, ShardedBatchSampler, split_text
+from modelkit.training.dataset import DataError, GPTDatasetV1, ShardedBatchSampler, split_text
 from modelkit.testing import synthetic_text, tiny_model_spec
 from modelkit.tokenizer import get_tokenizer
 from modelkit.train import TrainConfig, TrainError, calc_loss_batch, lr_at, train
@@ -473,7 +473,7 @@ def test_grad_norm_plot_ticks_layers_at_whole_numbers(n_layers):
     pytest.importorskip("matplotlib")
     import matplotlib.pyplot as plt
 
-    from modelkit.plots import grad_norms_figure
+    from modelkit.training.plots import grad_norms_figure
 
     fig = grad_norms_figure({"pre_norm": [0.5 ** i for i in range(n_layers)], "post_norm": [1.0] * n_layers})
     try:

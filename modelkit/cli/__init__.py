@@ -7,7 +7,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from ..cpu import forced_capability_problem
+from ..runtime.cpu import forced_capability_problem
 from ..errors import ModelkitError
 
 # Command modules, in the order ``modelkit --help`` lists them.
@@ -16,7 +16,7 @@ COMMANDS: tuple[str, ...] = ("info", "spec", "schema", "components", "generate",
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
+    from ..version import __version__
 
     parser = argparse.ArgumentParser(
         prog="modelkit",

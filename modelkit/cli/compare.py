@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..compare import CompareError, CompareOptions, VariantReport, compare, parse_override, write_plots
-from ..data import DataError
+from ..training.dataset import DataError
 from ..devices import DEVICE_HELP
 from ._table import format_markdown, format_table
 
@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     if args.train_steps and text is None:
         raise CompareError("--train-steps needs --data FILE")
     if args.plot and (args.train_steps or args.grad_norms):
-        from ..plots import require_matplotlib
+        from ..training.plots import require_matplotlib
 
         require_matplotlib()
     options = CompareOptions(

@@ -17,8 +17,8 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoint import load_checkpoint, read_checkpoint
-    from ..hf import export_hf_gpt2, hf_config_from_spec
+    from ..weights.checkpoint import load_checkpoint, read_checkpoint
+    from ..weights.hf import export_hf_gpt2, hf_config_from_spec
 
     hf_config_from_spec(read_checkpoint(args.checkpoint).spec)  # refuse before loading any weights
     out = export_hf_gpt2(load_checkpoint(args.checkpoint), args.out_dir)

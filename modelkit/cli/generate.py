@@ -15,7 +15,7 @@ from ..devices import DEVICE_HELP, resolve_device
 from ..errors import CheckpointError, GenerationError
 from ..generation import check_sampling_args, stream_generate
 from ..model import GPTModel
-from ..onednn import onednn_linear_available
+from ..runtime.onednn import onednn_linear_available
 from ..spec import load_spec
 from ..tokenizer import IncrementalDecoder, get_tokenizer, text_to_token_ids
 
@@ -54,28 +54,22 @@ def add_parser(sub: Any) -> None:
                         "modelkit info --device; logits differ by a few 1e-2)")
     p.add_argument("--quantize", choices=["none", "int8"], default="none",
                    help="int8: weight-only int8 Linear layers (fewest bytes per token, fastest CPU decoding; "
-                        "see modelkit.quantize)")
+                        "see modelkit.runtime.quantize)")
     p.add_argument("--huge-pages", action="store_true",
                    help="move the weights to 2 MiB pages first (Linux; ~1 s for gpt2-small, then ~4-6%% faster "
-                        "decoding: worth it for thousands of tokens; see modelkit.hugepages)")
+                        "decoding: worth it for thousands of tokens; see modelkit.runtime.hugepages)")
     p.add_argument("--native", action="store_true",
                    help="decode with the native (C++) step: GPT-2's composition only, same tokens, 6-12%% faster "
                         "per token for gpt2-small here; compiled on first use (~20 s; needs a C++ compiler and "
-                        "ninja: pip install 'modelkit[native]'), then cached (see modelkit.native)")
+                        "ninja: pip install 'modelkit[native]'), then cached (see modelkit.runtime.native)")
     p.set_defaults(func=run)
 
 
 def load_checkpoint_model(path: str, config: str | None) -> GPTModel:
     """The model saved in ``path``: a modelkit checkpoint (its own spec), or, with ``config``, the
-    book's ``torch.save(model.state_dict())`` file loaded into that spec (:mod:`modelkit.checkpoint`)."""
-    try:
-        from .. import checkpoint  # the checkpoint feature; imported only when a checkpoint is asked for
-    except ModuleNotFoundError as exc:
-        if exc.name != "modelkit.checkpoint":
-            raise
-        raise CheckpointError(
-            f"cannot load {path}: this installation of modelkit has no checkpoint support (modelkit.checkpoint)"
-        ) from exc
+    book's ``torch.save(model.state_dict())`` file loaded into that spec (:mod:`modelkit.weights.checkpoint`)."""
+    from ..weights import checkpoint
+
     if config is not None and not checkpoint.is_checkpoint_file(path):
         return checkpoint.load_book_checkpoint(path, config)
     model = checkpoint.load_checkpoint(path)
@@ -127,8 +121,8 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device("cpu" if args.device == "auto" and cpu_only else args.device)
     tokenizer = get_tokenizer()
     model = load_model(args).to(device)
-    from ..native import NativeBuildError, NativeUnsupportedError
-    from ..speed import optimize_for_inference  # dtype, int8, and the decode-friendly weight layout
+    from ..runtime.native import NativeBuildError, NativeUnsupportedError
+    from ..runtime.optimize import optimize_for_inference  # dtype, int8, and the decode-friendly weight layout
 
     try:
         model = optimize_for_inference(model, dtype=args.dtype, quantize=args.quantize, huge_pages=args.huge_pages,

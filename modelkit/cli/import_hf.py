@@ -24,8 +24,8 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoint import save_checkpoint
-    from ..hf import load_hf_gpt2
+    from ..weights.checkpoint import save_checkpoint
+    from ..weights.hf import load_hf_gpt2
     from ..introspect import count_parameters
 
     model = load_hf_gpt2(args.folder, spec=args.spec, dtype=DTYPES[args.dtype] if args.dtype else None)

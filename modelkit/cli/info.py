@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..builder import build_model
-from ..checkpoint import CheckpointInfo, is_checkpoint_file, read_checkpoint
+from ..weights.checkpoint import CheckpointInfo, is_checkpoint_file, read_checkpoint
 from ..introspect import count_parameters, summarize
 from ..spec import ComponentSpec, ModelSpec, load_spec
 from ._table import format_table
@@ -28,7 +28,7 @@ def add_parser(sub: Any) -> None:
                                    "PyTorch's and oneDNN's kernel level) and which kernel each speed option "
                                    "(--dtype, --quantize, --native) will use here. MODELKIT_CPU_CAPABILITY="
                                    "default|avx2|avx512 makes modelkit run as on a CPU with at most that "
-                                   "instruction set (see modelkit.cpu).")
+                                   "instruction set (see modelkit.runtime.cpu).")
     p.add_argument("config", nargs="?",
                    help="a JSON spec file, or a modelkit checkpoint (.safetensors; only its header is read)")
     p.add_argument("--device", action="store_true", help="this CPU's instruction sets and the kernels each speed option uses")
@@ -78,8 +78,8 @@ def checkpoint_report(info: CheckpointInfo) -> dict[str, Any]:
 
 def device_report() -> dict[str, Any]:
     """What ``modelkit info --device`` prints: the CPU as detected and the kernel of each speed option."""
-    from ..cpu import cpu_info
-    from ..speed import kernel_report
+    from ..runtime.cpu import cpu_info
+    from ..runtime.optimize import kernel_report
 
     return {"cpu": cpu_info().to_dict(), "kernels": dict(kernel_report())}
 

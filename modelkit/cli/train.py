@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..data import DataError
+from ..training.dataset import DataError
 from ..train import (
     TrainConfig,
     TrainError,

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -21,8 +19,6 @@ class GELU(Activation):
     def forward(self, x: Tensor) -> Tensor:
         return F.gelu(x, approximate="tanh")
 
-    def inference_step(self) -> Callable[[Tensor], Tensor]:
-        return lambda x: F.gelu(x, approximate="tanh")
 
 
 @register("activation", "gelu_exact")
@@ -35,8 +31,6 @@ class GELUExact(Activation):
     def forward(self, x: Tensor) -> Tensor:
         return F.gelu(x)
 
-    def inference_step(self) -> Callable[[Tensor], Tensor]:
-        return lambda x: F.gelu(x)
 
 
 @register("activation", "relu")
@@ -49,8 +43,6 @@ class ReLU(Activation):
     def forward(self, x: Tensor) -> Tensor:
         return F.relu(x)
 
-    def inference_step(self) -> Callable[[Tensor], Tensor]:
-        return lambda x: F.relu(x)
 
 
 @register("activation", "silu")
@@ -62,6 +54,3 @@ class SiLU(Activation):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.silu(x)
-
-    def inference_step(self) -> Callable[[Tensor], Tensor]:
-        return lambda x: F.silu(x)

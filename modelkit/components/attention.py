@@ -9,8 +9,6 @@ import torch
 from pydantic import AfterValidator, Field
 from torch import Tensor, nn
 
-from ..onednn import StackedLinears, apply_linears, linears_step, stack_linears
-from ..plan import step_of
 from ..registry import register
 from .base import Attention, Dropout, LayerContext, ModelDims, NoPositional, Positional
 from .kernels import attention_kernel_names, check_backend, get_attention_kernel
@@ -49,10 +47,10 @@ def attend(q: Tensor, k: Tensor, v: Tensor, ctx: LayerContext | None, kernel: An
     return kernel(q, k, v, bias=bias, dropout_p=dropout_p)
 
 
-def _multi_head(x: Tensor, qkv: Sequence[Tensor], ctx: LayerContext | None, heads: int, kernel: Any,
-                dropout_p: float, out_proj: Callable[[Tensor], Tensor]) -> Tensor:
-    """Multi-head attention from the projections ``qkv`` of ``x: (b, s, e)``: split into heads,
-    :func:`attend`, merge the heads, ``out_proj``."""
+def multi_head(x: Tensor, qkv: Sequence[Tensor], ctx: LayerContext | None, heads: int, kernel: Any,
+               dropout_p: float, out_proj: Callable[[Tensor], Tensor]) -> Tensor:
+    """Multi-head attention from the projections ``qkv`` (q, k, v) of ``x: (b, s, e)``: split into
+    heads, :func:`attend`, merge the heads, ``out_proj`` (a module or any function computing it)."""
     b, s, _ = x.shape
     q, k, v = qkv
     q = q.view(b, s, heads, -1).transpose(1, 2)
@@ -85,28 +83,13 @@ class MultiHeadAttention(Attention):
         self.backend = backend
         self.kernel = get_attention_kernel(backend)
 
-    #: q/k/v weights stored as one matrix by :meth:`stack_linears_` (None: three matmuls).
-    stacked_qkv: StackedLinears | None = None
-
     def residual_projections(self) -> list[nn.Linear]:
         return [self.out_proj]
 
-    def stack_linears_(self) -> None:
-        """Store W_query/W_key/W_value as one matrix, read by one matmul in inference
-        (:class:`~modelkit.onednn.StackedLinears`); called by ``optimize_for_inference``."""
-        self.stacked_qkv = stack_linears([self.W_query, self.W_key, self.W_value])
-
     def forward(self, x: Tensor, ctx: LayerContext | None = None) -> Tensor:
-        qkv = apply_linears(self.stacked_qkv, x, (self.W_query, self.W_key, self.W_value))
+        qkv = (self.W_query(x), self.W_key(x), self.W_value(x))
         dropout_p = self.dropout.p if self.training else 0.0
-        return _multi_head(x, qkv, ctx, self.num_heads, self.kernel, dropout_p, self.out_proj)
-
-    def inference_step(self) -> Callable[[Tensor, LayerContext | None], Tensor] | None:
-        if self.training:
-            return None
-        qkv = linears_step(self.stacked_qkv, (self.W_query, self.W_key, self.W_value))
-        heads, kernel, out_proj = self.num_heads, self.kernel, step_of(self.out_proj)
-        return lambda x, ctx=None: _multi_head(x, qkv(x), ctx, heads, kernel, 0.0, out_proj)
+        return multi_head(x, qkv, ctx, self.num_heads, self.kernel, dropout_p, self.out_proj)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         # The book's MultiHeadAttention stores its causal mask as a buffer; the kernels build

@@ -32,19 +32,10 @@ The KV cache: the model creates one :class:`~modelkit.cache.LayerKVCache` per bl
 down in ``ctx.cache``; only attention touches it (keys already rotated, with however many key/value
 heads it has). Other kinds take part simply by being position-wise.
 
-Optional speed hook: a component whose forward applies several Linear layers to one input (as
-attention's q/k/v) may define ``stack_linears_()``, which ``optimize_for_inference`` calls after the
-Linear layers are on oneDNN; it stores them with :func:`~modelkit.onednn.stack_linears` and gets
-their outputs in forward from :func:`~modelkit.onednn.apply_linears` (see ``MultiHeadAttention``;
-the llama plugin's attention and SwiGLU do the same).
-
-Optional speed hook for decoding: ``inference_step()``, defined in the same class as ``forward``,
-returns a function computing exactly what ``forward`` computes in eval mode without autograd, built
-from the parts' steps (:func:`modelkit.plan.step_of`, and :func:`~modelkit.onednn.linears_step` for
-stacked layers), or None when it cannot (training mode). :func:`modelkit.generate` calls the model
-through these steps, built once per call, instead of ~150 module calls per token; a component
-without one is called as a module. The ``inference_step`` conformance check holds a step to its
-forward bit for bit.
+A component is complete with ``forward`` (and ``residual_projections()`` where it has one): nothing
+here is about speed. Fast paths (inference steps, stacked matmuls, fused kernels) are registered for
+a component class in :mod:`modelkit.runtime`, which a plugin may do in a module of its own
+(``docs/extending.md``).
 
 Rules every component follows (checked by :func:`modelkit.testing.check_component`): causal,
 deterministic in eval mode, all state it needs in its state dict (a fresh instance that loads it
@@ -58,14 +49,12 @@ its modules register nothing on import. Bare names are modelkit's; duplicate nam
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from ..plan import identity_step
 
 if TYPE_CHECKING:
     from ..cache import LayerKVCache
@@ -148,18 +137,14 @@ class Dropout(nn.Dropout):
     """``nn.Dropout`` that returns its input at once when it does nothing (eval mode, or ``p = 0``).
 
     Same module, ``repr``, state dict (none) and random numbers as ``nn.Dropout``; it only skips the
-    functional call, which ``nn.Dropout`` makes even in eval mode (25 of them per decoded gpt2-small
-    token). Built-in blocks and attention use it; plugins may too.
+    functional call, which ``nn.Dropout`` makes even in eval mode, a cost paid several times per layer
+    for every decoded token. Built-in blocks and attention use it; plugins may too.
     """
 
     def forward(self, input: Tensor) -> Tensor:
         if self.training and self.p > 0.0:
             return F.dropout(input, self.p, True, self.inplace)
         return input
-
-    def inference_step(self) -> Callable[[Tensor], Tensor] | None:
-        """The identity when dropout does nothing (:mod:`modelkit.plan`); else None: call the module."""
-        return None if self.training and self.p > 0.0 else identity_step
 
 
 @dataclass

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Annotated
 
 from pydantic import Field
 from torch import Tensor, nn
 
-from ..plan import step_of
 from ..registry import SubComponent, register
 from .base import FeedForward, ModelDims
 
@@ -43,6 +41,3 @@ class MLP(FeedForward):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.layers(x)
-
-    def inference_step(self) -> Callable[[Tensor], Tensor]:
-        return step_of(self.layers)

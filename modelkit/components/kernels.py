@@ -92,12 +92,7 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None = Non
         mask = causal_mask(s_q, s_k, q.device)
         attn_mask = bias.to(q.dtype).masked_fill(mask, -torch.inf)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
-    if s_q == 1:  # one query, the last position (a decode step): it sees every key
-        # On all intra-op threads, as PyTorch runs it. modelkit used to run this on one thread; on a
-        # quiet 2-core host that was 0.3-0.4 ms per gpt2-small token slower (medians of two 10-round
-        # in-process A/Bs, slower in 19 of 20 rounds; the cached keys/values are read cold and two
-        # cores read them faster). One thread only won with other multi-threaded processes
-        # competing for the cores.
+    if s_q == 1:  # one query, the last position (one new token after cached ones): it sees every key
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
     if s_q == s_k:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)

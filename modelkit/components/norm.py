@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Annotated
 
 import torch
@@ -39,8 +38,3 @@ class LayerNorm(Norm):
     def forward(self, x: Tensor) -> Tensor:
         # Same maths as the book's mean/var(unbiased=False) formula, in one fused kernel.
         return F.layer_norm(x, self.scale.shape, self.scale, self.shift, self.eps)
-
-    def inference_step(self) -> Callable[[Tensor], Tensor]:
-        scale, shift, eps = self.scale, self.shift, self.eps
-        shape = scale.shape
-        return lambda x: F.layer_norm(x, shape, scale, shift, eps)

@@ -26,9 +26,10 @@ tiny model whose spec puts it in its slot (:func:`tiny_spec`), and checks each p
   computed at construction and left out of the state dict).
 - ``kv_cache``: a model using it gives the same logits decoding with a KV cache (prefill, a chunk,
   then token by token) as recomputing the whole sequence.
-- ``inference_step``: its inference step (:func:`modelkit.plan.step_of`: ``inference_step()`` when
-  it defines one, else the module itself) computes exactly the same outputs as its forward, alone
-  and in a model (with and without the KV cache, before and after ``optimize_for_inference``).
+- ``inference_step``: its inference step (:func:`modelkit.runtime.steps.step_of`: the step the runtime
+  has registered for its class, else the module itself) computes exactly the same outputs as its
+  forward, alone and in a model (with and without the KV cache, before and after
+  ``optimize_for_inference``, which stacks the Linear groups registered for it).
 - ``positional_hooks`` (attention only): it applies ``ctx.positional.rotate`` to q and k and adds
   ``ctx.positional.attention_bias`` to the scores, with the cache too (checked with a probe
   positional that rotates and biases).
@@ -46,7 +47,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..builder import SpecBlockParts, build_component, build_model
+from ..builder import build_model
+from ..components.build import SpecBlockParts, build_component
 from ..components.base import LayerContext, ModelDims, NoPositional, Positional
 from ..registry import KINDS, get_registry
 from ..spec import ComponentSpec, ModelSpec, load_spec
@@ -410,8 +412,8 @@ def _seeded(run: Callable[..., Any], *args: Any) -> Any:
 
 
 def _check_inference_step(sub: _Subject) -> None:
-    from ..plan import step_of
-    from ..speed import optimize_for_inference
+    from ..runtime.optimize import optimize_for_inference
+    from ..runtime.steps import step_of
 
     if sub.kind != "positional":
         module = _perturbed(sub.build(), seed=1).eval()  # parts that start equal (two norms) differ
@@ -420,8 +422,8 @@ def _check_inference_step(sub: _Subject) -> None:
         with torch.inference_mode():
             problem = _same(sub.run(module, x), _seeded(sub.run_unseeded, module, x, step))
         assert problem is None, (
-            f"alone, its inference step (modelkit.plan.step_of) differs from its forward ({problem}): "
-            "inference_step() must compute exactly what forward computes, with the same kernels")
+            f"alone, its inference step (modelkit.runtime.steps.step_of) differs from its forward ({problem}): "
+            "a step registered for its class must compute exactly what forward computes, with the same kernels")
     ids = sub.token_ids(length=14)
     for label, optimize in (("", False), (" after optimize_for_inference", True)):
         model = _perturbed(sub.model(), seed=1)
@@ -434,7 +436,7 @@ def _check_inference_step(sub: _Subject) -> None:
                        or _same((_seeded(_cached_logits, model, ids),), (_seeded(_cached_logits, model, ids, step),)))
         assert problem is None, (
             f"in a model{label}, the model's inference step gives other logits than its forward ({problem}), "
-            "with or without the KV cache: its inference_step() (or a part's) does not compute what forward does")
+            "with or without the KV cache: its registered step (or a part's) does not compute what forward does")
 
 
 CHECKS: dict[str, tuple[Callable[[_Subject], None], frozenset[str]]] = {

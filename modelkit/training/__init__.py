@@ -5,11 +5,11 @@ train`` is a thin CLI over it. What it promises:
 
 * **The book's maths.** Loss is :func:`calc_loss_batch` (cross-entropy of ``logits.flatten(0, 1)``
   against ``targets.flatten()``), the optimiser is ``torch.optim.AdamW`` on all parameters, the data
-  are :class:`~modelkit.data.GPTDatasetV1` windows, the validation text is the last
+  are :class:`~modelkit.training.dataset.GPTDatasetV1` windows, the validation text is the last
   ``val_fraction`` of the characters. With ``shuffle=False``, no warm-up and no ``min_lr`` it takes
   the same steps as the book's ``train_model_simple``.
 * **Same seed, same data: same losses.** The model is built after ``torch.manual_seed(seed)``; the
-  batch order depends only on ``(seed, epoch)`` (:class:`~modelkit.data.ShardedBatchSampler`).
+  batch order depends only on ``(seed, epoch)`` (:class:`~modelkit.training.dataset.ShardedBatchSampler`).
 * **Exact resume.** A checkpoint folder holds the model, the optimiser's moments and every rank's
   RNG state, and the step, tokens, config and data fingerprints (:mod:`.checkpoints`), so N steps
   straight and N/2 + resume + N/2 give identical losses. A setting changed on resume is printed

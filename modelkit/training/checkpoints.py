@@ -140,7 +140,7 @@ def save_training_checkpoint(folder: Path, model: GPTModel, optimizer: torch.opt
     """Write model, optimiser, RNG and JSON state to ``folder`` (via a temporary folder, then rename)."""
     from safetensors.torch import save_file
 
-    from ..checkpoint import save_checkpoint
+    from ..weights.checkpoint import save_checkpoint
 
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -18,7 +18,7 @@ from pydantic import (
 
 from ..errors import ModelkitError, did_you_mean
 from ..spec import describe_json, expected_json_type
-from ..speed import KERNELS
+from ..runtime.optimize import KERNELS
 
 __all__ = ["TrainConfig", "TrainError"]
 

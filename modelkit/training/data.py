@@ -1,14 +1,14 @@
 """Data preparation: the text or token ids of a run turned into training and validation windows.
 
 The validation text is the last ``val_fraction`` of the characters (of the tokens, for token ids)
-unless the caller gives its own; both splits become :class:`~modelkit.data.GPTDatasetV1` windows.
+unless the caller gives its own; both splits become :class:`~modelkit.training.dataset.GPTDatasetV1` windows.
 """
 
 from __future__ import annotations
 
 from torch import Tensor
 
-from ..data import DataError, GPTDatasetV1, TokenSource, as_token_ids, split_text, split_token_ids
+from .dataset import DataError, GPTDatasetV1, TokenSource, as_token_ids, split_text, split_token_ids
 from .config import TrainConfig
 
 __all__ = ["prepare_data"]
@@ -18,7 +18,7 @@ def prepare_data(data: TokenSource, val_data: TokenSource | None, config: TrainC
                  stride: int, vocab_size: int) -> tuple[GPTDatasetV1, GPTDatasetV1 | None, Tensor, Tensor]:
     """``(train_set, val_set, train_ids, val_ids)``; ``val_set`` is None when there is no validation text.
 
-    Raises :class:`~modelkit.data.DataError` for a token id outside the vocabulary or a split too
+    Raises :class:`~modelkit.training.dataset.DataError` for a token id outside the vocabulary or a split too
     short for one window.
     """
     train_ids, val_ids = _split(data, val_data, config.val_fraction)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import GPTDatasetV1, shard_indices
+from .dataset import GPTDatasetV1, shard_indices
 from .config import TrainConfig
 from .distributed import DistContext
 

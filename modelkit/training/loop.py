@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..data import TokenSource, make_train_loader
+from .dataset import TokenSource, make_train_loader
 from ..spec import ModelSpec
 from .checkpoints import MODEL_FILE, Checkpointer, read_train_state, restore_tensors, run_folder
 from .config import TrainConfig
@@ -81,13 +81,13 @@ def train(spec: ModelSpec | Mapping[str, Any] | str | os.PathLike[str] | None, d
     ``pause_at`` stops after that global step (saving a checkpoint) without changing the schedule.
     ``data_path`` names the file ``data`` was read from; checkpoints record it (made absolute; on
     resume without it, the checkpoint's record is kept) and nothing here reads it.
-    Raises :class:`TrainError` / :class:`~modelkit.data.DataError` for unusable options or data.
+    Raises :class:`TrainError` / :class:`~modelkit.training.dataset.DataError` for unusable options or data.
     """
     saved = read_train_state(resume) if resume is not None else None
     if config is None:
         config = resume_config(resume, int(os.environ.get("WORLD_SIZE", "1"))) if resume is not None else TrainConfig()
     if config.plot:
-        from ..plots import require_matplotlib
+        from .plots import require_matplotlib
 
         require_matplotlib()
     ctx, device = init_distributed(config.device)
@@ -191,11 +191,11 @@ def _save_final(model: GPTModel, writer: MetricsWriter, plan: RunPlan, out: Path
                 ctx: DistContext) -> None:
     """Rank 0 writes ``out/model.safetensors`` (and ``loss.png`` with ``plot``); every rank then waits."""
     if ctx.is_main and out is not None:
-        from ..checkpoint import save_checkpoint
+        from ..weights.checkpoint import save_checkpoint
 
         save_checkpoint(model, out / MODEL_FILE, metadata={"step": str(step), "tokens": str(tokens)})
         if plan.config.plot:
-            from ..plots import plot_training
+            from .plots import plot_training
 
             plot_training(writer.lines_all(), out / "loss.png", title=plan.model_spec.name)
     ctx.barrier()

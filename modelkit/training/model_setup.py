@@ -43,10 +43,10 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
 
 def choose_linear_kernel(model: nn.Module, kernel: str, device: torch.device) -> None:
     """``auto``: oneDNN Linear layers on a CPU where they train faster than PyTorch's
-    (:func:`modelkit.speed.onednn_trains_faster`: with AVX-512), else ``F.linear``; ``onednn``,
+    (:func:`modelkit.runtime.optimize.onednn_trains_faster`: with AVX-512), else ``F.linear``; ``onednn``,
     ``aten``: that kernel. Raises :class:`TrainError` for ``onednn`` where it cannot run."""
-    from ..onednn import onednn_linear_available, use_onednn_linear_
-    from ..speed import onednn_trains_faster
+    from ..runtime.onednn import onednn_linear_available, use_onednn_linear_
+    from ..runtime.optimize import onednn_trains_faster
 
     if kernel == "onednn" and (device.type != "cpu" or not onednn_linear_available()):
         raise TrainError("linear_kernel 'onednn' needs the CPU and a PyTorch build with oneDNN")

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
-from ..data import DataError, GPTDatasetV1, TokenSource, fingerprint
+from .dataset import DataError, GPTDatasetV1, TokenSource, fingerprint
 from ..spec import ModelSpec, load_spec
 from .checkpoints import MODEL_FILE, STATE_FORMAT, STATE_VERSION
 from .config import TrainConfig, TrainError
@@ -81,7 +81,7 @@ class RunPlan:
 def plan_run(spec: SpecSource | None, data: TokenSource, val_data: TokenSource | None, config: TrainConfig,
              saved: dict[str, Any] | None, pause_at: int | None, data_path: str | os.PathLike[str] | None,
              world_size: int) -> RunPlan:
-    """Decide the run; raises :class:`TrainError` / :class:`~modelkit.data.DataError` for what cannot run."""
+    """Decide the run; raises :class:`TrainError` / :class:`~modelkit.training.dataset.DataError` for what cannot run."""
     model_spec, checkpoint_model = _model_spec(spec, saved)
     config = _complete_config(config, model_spec)
     assert config.max_length is not None and config.stride is not None
@@ -106,7 +106,7 @@ def plan_run(spec: SpecSource | None, data: TokenSource, val_data: TokenSource |
 def _model_spec(spec: SpecSource | None, saved: Mapping[str, Any] | None) -> tuple[ModelSpec, GPTModel | None]:
     """The spec to train (the checkpoint's on resume) and, on resume, the checkpoint's model."""
     if saved is not None:
-        from ..checkpoint import load_checkpoint
+        from ..weights.checkpoint import load_checkpoint
 
         checkpoint_model = load_checkpoint(Path(saved["folder"]) / MODEL_FILE)
         return checkpoint_model.spec, checkpoint_model

@@ -11,8 +11,6 @@ from torch import Tensor, nn
 from modelkit.components.attention import BackendName, attend
 from modelkit.components.base import Attention, LayerContext, ModelDims
 from modelkit.components.kernels import get_attention_kernel
-from modelkit.onednn import StackedLinears, apply_linears, linears_step, stack_linears
-from modelkit.plan import step_of
 
 
 class GroupedQueryAttention(Attention):
@@ -57,34 +55,19 @@ class GroupedQueryAttention(Attention):
             return [f"n_heads {dims.n_heads} is not divisible by num_kv_heads {kv}"]
         return ()
 
-    #: q/k/v weights stored as one matrix by :meth:`stack_linears_` (None: three matmuls).
-    stacked_qkv: StackedLinears | None = None
-
     def residual_projections(self) -> list[nn.Linear]:
         return [self.out_proj]
 
-    def stack_linears_(self) -> None:
-        """Store W_query/W_key/W_value as one matrix, read by one matmul in inference (modelkit's
-        optional speed hook, called by ``optimize_for_inference``)."""
-        self.stacked_qkv = stack_linears([self.W_query, self.W_key, self.W_value])
-
     def forward(self, x: Tensor, ctx: LayerContext | None = None) -> Tensor:
         """``x: (b, s, emb_dim)`` -> ``(b, s, emb_dim)``, causal; caches ``(b, num_kv_heads, s, d)``."""
-        qkv = apply_linears(self.stacked_qkv, x, (self.W_query, self.W_key, self.W_value))
+        qkv = (self.W_query(x), self.W_key(x), self.W_value(x))
         dropout_p = self.dropout.p if self.training else 0.0
-        return self._attend(x, qkv, ctx, dropout_p, self.out_proj)
+        return self.attend_projections(x, qkv, ctx, dropout_p, self.out_proj)
 
-    def inference_step(self) -> Callable[[Tensor, LayerContext | None], Tensor] | None:
-        """``forward`` as plain function calls (modelkit's optional speed hook for decoding, see
-        ``modelkit.plan``); None in training mode, where dropout applies."""
-        if self.training:
-            return None
-        qkv = linears_step(self.stacked_qkv, (self.W_query, self.W_key, self.W_value))
-        out_proj = step_of(self.out_proj)
-        return lambda x, ctx=None: self._attend(x, qkv(x), ctx, 0.0, out_proj)
-
-    def _attend(self, x: Tensor, qkv: Sequence[Tensor], ctx: LayerContext | None, dropout_p: float,
-                out_proj: Callable[[Tensor], Tensor]) -> Tensor:
+    def attend_projections(self, x: Tensor, qkv: Sequence[Tensor], ctx: LayerContext | None, dropout_p: float,
+                           out_proj: Callable[[Tensor], Tensor]) -> Tensor:
+        """The rest of ``forward`` from the projections ``qkv`` of ``x``: heads, :func:`attend`, ``out_proj``
+        (the module or any function computing it)."""
         b, s, _ = x.shape
         q, k, v = qkv
         q = q.view(b, s, self.num_heads, self.head_dim).transpose(1, 2)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Annotated
 
 import torch.nn.functional as F
@@ -11,8 +10,6 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from modelkit.components.base import FeedForward, ModelDims
-from modelkit.onednn import StackedLinears, apply_linears, linears_step, stack_linears
-from modelkit.plan import step_of
 
 
 def llama_hidden_dim(emb_dim: int, multiple_of: int) -> int:
@@ -43,30 +40,10 @@ class SwiGLU(FeedForward):
         self.up_proj = nn.Linear(dims.emb_dim, hidden, bias=bias)
         self.down_proj = nn.Linear(hidden, dims.emb_dim, bias=bias)
 
-    #: gate/up weights stored as one matrix by :meth:`stack_linears_` (None: two matmuls).
-    stacked_gate_up: StackedLinears | None = None
-
     def residual_projections(self) -> list[nn.Linear]:
         return [self.down_proj]
 
-    def stack_linears_(self) -> None:
-        """Store gate_proj/up_proj (same input) as one matrix, read by one matmul in inference
-        (modelkit's optional speed hook, called by ``optimize_for_inference``)."""
-        self.stacked_gate_up = stack_linears([self.gate_proj, self.up_proj])
-
     def forward(self, x: Tensor) -> Tensor:
         """``x: (b, s, emb_dim)`` -> ``(b, s, emb_dim)``."""
-        gate, up = apply_linears(self.stacked_gate_up, x, (self.gate_proj, self.up_proj))
+        gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(F.silu(gate) * up)
-
-    def inference_step(self) -> Callable[[Tensor], Tensor]:
-        """``forward`` as plain function calls (modelkit's optional speed hook for decoding, see
-        ``modelkit.plan``): the parts' steps are built once, then called without module overhead."""
-        gate_up = linears_step(self.stacked_gate_up, (self.gate_proj, self.up_proj))
-        down = step_of(self.down_proj)
-
-        def step(x: Tensor) -> Tensor:
-            gate, up = gate_up(x)
-            return down(F.silu(gate) * up)
-
-        return step

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Annotated
 
 import torch
@@ -30,11 +29,6 @@ class RMSNorm(Norm):
         """``x: (..., emb_dim)`` -> the same shape and dtype."""
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x)
         return normed * self.weight
-
-    def inference_step(self) -> Callable[[Tensor], Tensor]:
-        """``forward`` without module overhead (modelkit's optional speed hook, see ``modelkit.plan``)."""
-        weight, eps = self.weight, self.eps
-        return lambda x: F.rms_norm(x.float(), (x.shape[-1],), eps=eps).type_as(x) * weight
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

@@ -101,28 +101,51 @@ def test_cached_generation_equals_uncached(positional: str) -> None:
 
 
 def test_optimized_model_reads_q_k_v_and_gate_up_in_one_matmul_each(monkeypatch: pytest.MonkeyPatch) -> None:
-    from modelkit.onednn import StackedLinears, onednn_linear_available
-    from modelkit.speed import optimize_for_inference
+    from modelkit.runtime.onednn import onednn_linear_available
+    from modelkit.runtime.optimize import optimize_for_inference
+    from modelkit.runtime.stacking import StackedLinear, StackedLinears
+    from modelkit.runtime.steps import step_of
 
     if not onednn_linear_available():
         pytest.skip("this PyTorch build has no oneDNN linear op")
     torch.manual_seed(0)
     ref = build_model(llama_style()).eval()
-    fast = optimize_for_inference(copy.deepcopy(ref))
-    assert all(blk.att.stacked_qkv is not None and blk.ff.stacked_gate_up is not None for blk in fast.trf_blocks)
+    fast = optimize_for_inference(copy.deepcopy(ref))  # stacks the groups modelkit_llama.runtime registers
+    assert all(type(blk.att.W_query) is StackedLinear and type(blk.ff.gate_proj) is StackedLinear
+               for blk in fast.trf_blocks)
     for (name, a), b in zip(ref.state_dict().items(), fast.state_dict().values()):
         assert torch.equal(a, b), name  # names and values unchanged
-    stacked_calls: list[bool] = []
-    call = StackedLinears.__call__
+    matmuls: list[int] = []
+    outputs = StackedLinears.outputs
 
-    def counting(self: StackedLinears, x: torch.Tensor, layers: tuple[torch.nn.Module, ...]) -> Any:
-        out = call(self, x, layers)
-        stacked_calls.append(out is not None)
-        return out
+    def counting(self: StackedLinears, x: torch.Tensor) -> Any:
+        matmuls.append(len(self.sizes))
+        return outputs(self, x)
 
-    monkeypatch.setattr(StackedLinears, "__call__", counting)
+    monkeypatch.setattr(StackedLinears, "outputs", counting)
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(4))
     with torch.inference_mode():
         torch.testing.assert_close(fast(ids), ref(ids), rtol=1e-4, atol=1e-5)
-    assert stacked_calls == [True] * (2 * len(fast.trf_blocks))  # attention and feed-forward, every block
+    assert matmuls == [3, 2] * len(fast.trf_blocks)  # q/k/v, then gate/up, in every block
+    with torch.inference_mode():
+        assert torch.equal(step_of(fast)(ids), fast(ids))  # the registered steps: the same logits
     assert torch.equal(generate(fast, ids[:1], 12), generate(ref, ids[:1], 12))
+
+
+def test_the_components_are_plain_modules_and_the_runtime_module_is_optional() -> None:
+    import ast
+    from pathlib import Path
+
+    import modelkit_llama
+    from modelkit.runtime.steps import step_of
+
+    package = Path(modelkit_llama.__file__).parent
+    for path in package.glob("*.py"):
+        if path.name == "runtime.py":
+            continue
+        imported = {node.module or "" for node in ast.walk(ast.parse(path.read_text()))
+                    if isinstance(node, ast.ImportFrom)}
+        assert not any(name.startswith("modelkit.runtime") for name in imported), path.name
+    torch.manual_seed(0)
+    norm = build_model(llama_style()).eval().final_norm
+    assert step_of(norm) is not norm  # modelkit loaded modelkit_llama.runtime through its entry point

@@ -14,20 +14,14 @@ import os
 from typing import Literal, TypeVar
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from torch import Tensor
-
+from ..errors import SpeedOptionError
 from .cpu import aten_linear_works, cpu_info, forced_capability_problem
-from .errors import SpeedOptionError
 from .hugepages import advise_huge_pages_, model_tensors
-from .onednn import (
-    StackedLinearsCheck,
-    fuse_linear_activations_,
-    onednn_linear_available,
-    stacked_linears_of,
-    use_onednn_linear_,
-)
+from .onednn import fuse_linear_activations_, onednn_linear_available, use_onednn_linear_
+from .stacking import stack_linears_
+from .steps import load_runtime_extensions
 
 __all__ = ["DTYPES", "KERNELS", "LAYOUTS", "QUANTIZE", "default_path", "kernel_report", "onednn_trains_faster", "native_build_problem", "optimize_for_inference",
            "parse_dtype", "set_weight_layout_"]
@@ -169,48 +163,42 @@ def optimize_for_inference(
 ) -> M:
     """Put ``model`` in eval mode and apply the chosen speed options, in place; return the model to use.
 
-    - ``dtype``: cast parameters and buffers (``torch.bfloat16``: half the weight bytes and faster
-      prefill on CPUs with AVX-512 BF16/AMX, 1.5-1.9x here; decoding about as fast as float32 on
-      oneDNN, whose batch-1 bf16 matmuls read fewer GB/s; logits move by a few 1e-2).
-    - ``quantize="int8"``: weight-only int8 Linear layers (:func:`modelkit.quantize.quantize_int8_`),
+    - ``dtype``: cast parameters and buffers (``torch.bfloat16``: half the weight bytes, faster
+      prefill where oneDNN has bf16 kernels; logits move by a few 1e-2).
+    - ``quantize="int8"``: weight-only int8 Linear layers (:func:`~modelkit.runtime.quantize.quantize_int8_`),
       applied after the cast; fewest bytes per decoded token.
-    - ``linear_kernel``: ``"onednn"`` computes Linear layers with oneDNN (:mod:`modelkit.onednn`;
-      on an AMD CPU, where MKL does not use AVX-512, float32 decoding about 1.8x faster and prefill
-      about 2x), runs the activation after a Linear in a feed-forward ``nn.Sequential`` inside
-      the same call, and stores the Linear layers a component reads with one input (attention's
-      q/k/v, via its ``stack_linears_`` method) as one matrix, read by one matmul; results differ
-      by summation order only (~1e-6 relative). ``"aten"`` keeps ``F.linear``; ``"auto"`` is oneDNN
-      when PyTorch has it and the weights are float32 or bfloat16 on the CPU.
+    - ``linear_kernel``: ``"onednn"`` computes Linear layers with oneDNN (:mod:`~modelkit.runtime.onednn`;
+      on AMD CPUs MKL does not use AVX-512 and oneDNN does), runs the activation after a Linear in a
+      feed-forward ``nn.Sequential`` inside the same call, and stores the Linear layers a component
+      reads with one input (the groups registered for its class, :mod:`~modelkit.runtime.stacking`)
+      as one matrix, read by one matmul; results differ by summation order only (~1e-6 relative).
+      ``"aten"`` keeps ``F.linear``; ``"auto"`` is oneDNN when PyTorch has it and the weights are
+      float32 or bfloat16 on the CPU.
     - ``weight_layout``: how Linear weights are stored (see :func:`set_weight_layout_`); ``"auto"``
-      picks the faster layout on this CPU: ``"columns"`` for CPU float32 weights where oneDNN may use
-      AVX-512 (faster batch-1 decoding), ``"rows"`` otherwise (see :func:`default_path`, measured by
-      ``benchmarks/cpu_defaults.py``). Values are unchanged.
+      picks the faster layout on this CPU (:func:`default_path`). Values are unchanged.
     - ``compile``: wrap in ``torch.compile`` (the returned module is the compiled wrapper; the first
-      calls compile, which takes a while: ~7-12 s for gpt2-small on 2 cores). oneDNN Linear layers
-      stay on oneDNN inside the compiled code, stacked matrices stay stacked (their pointer check
-      runs before each call, :class:`~modelkit.onednn.StackedLinearsCheck`) and Inductor fuses the
-      rest. Prefill as fast as eager; decoding ~5% slower than eager, whose ``generate`` runs the
-      inference steps (:mod:`modelkit.plan`), while each compiled call first checks Dynamo's guards.
+      calls compile, which takes a while). oneDNN Linear layers stay on oneDNN inside the compiled
+      code (a custom op Inductor keeps) and Inductor fuses the rest; Linear groups are not stacked,
+      since compiled code cannot check that their parameters still live in the stacked matrix.
     - ``threads``: ``torch.set_num_threads(threads)`` (process-wide).
     - ``huge_pages``: move the parameters and buffers to 2 MiB pages where Linux allows
-      (:mod:`modelkit.hugepages`; in place, values and addresses unchanged). gpt2-small fp32 decoding
-      4-6% faster (0.5-0.7 ms per token, two in-process measurements), for ~1.2 s spent once here:
-      worth it from a couple of thousand generated tokens (a server, long runs), not for one short
-      generation. A no-op elsewhere.
+      (:mod:`~modelkit.runtime.hugepages`; in place, values and addresses unchanged): faster decoding,
+      for a one-off cost that long runs repay. A no-op elsewhere.
+    - ``native``: decode with the native step (:mod:`~modelkit.runtime.native`): ``generate`` runs each
+      cached step of the GPT-2 composition as one C++ call (the same kernels, logits equal bit for
+      bit). Compiled here on first use (a C++ compiler and ninja: ``pip install 'modelkit[native]'``),
+      then cached by PyTorch. Raises :class:`~modelkit.runtime.native.NativeBuildError` when it cannot
+      be built, :class:`~modelkit.runtime.native.NativeUnsupportedError` when the model is not that
+      composition (the message says which part). The choice is held by the runtime
+      (:mod:`~modelkit.runtime.decode`), not stored on the model.
 
-    - ``native``: decode with the native step (:mod:`modelkit.native`): ``generate`` runs each cached
-      step of the GPT-2 composition as one C++ call (the same kernels, logits equal bit for bit),
-      without the Python between the kernels, which runs with cold caches in every layer. Compiled
-      here on first use (a C++ compiler and ninja: ``pip install 'modelkit[native]'``; ~20 s on
-      2 cores, then cached by PyTorch). Raises :class:`~modelkit.native.NativeBuildError` when it
-      cannot be built, :class:`~modelkit.native.NativeUnsupportedError` when the model is not that
-      composition (the message says which part). Measured: see ``benchmarks/RESULTS.md``.
+    ``docs/performance.md`` has what each option is worth on gpt2-small and the commands that measure it.
 
     Invalid options (an unknown name, ``threads < 1``, ``native`` with ``compile``) and options this
     CPU cannot run raise :class:`~modelkit.errors.SpeedOptionError` (a ``ValueError``) before the
     model is touched.
 
-    The weights' state-dict names are kept unless ``quantize`` is set (see :mod:`modelkit.quantize`).
+    The weights' state-dict names are kept unless ``quantize`` is set (see :mod:`modelkit.runtime.quantize`).
     Forward hooks registered on Linear layers are not carried over to the replaced layers.
     """
     problem = forced_capability_problem()
@@ -234,6 +222,7 @@ def optimize_for_inference(
     if dtype is not None and not dtype.is_floating_point:
         raise SpeedOptionError(f"dtype must be a floating point dtype, got {dtype}")
     _check_cpu_runs(model, dtype, linear_kernel, compile)  # before the model is touched
+    load_runtime_extensions()  # the post-ops and Linear groups registered for the model's components
     model.eval()
     if dtype is not None:
         model.to(dtype)
@@ -245,37 +234,30 @@ def optimize_for_inference(
         use_onednn_linear_(model)
         fuse_linear_activations_(model)
     set_weight_layout_(model, _auto_layout(model) if weight_layout == "auto" else weight_layout)
-    for module in list(model.modules()):  # components that read several Linear layers with one input
-        stack = getattr(module, "stack_linears_", None)
-        if callable(stack):
-            stack()
+    if not compile:  # compiled code cannot check the stacked matrix's addresses: layers stay apart
+        stack_linears_(model)
     if huge_pages:
         advise_huge_pages_(model_tensors(model))
     if native:
-        from .native import (
-            NativeUnsupportedError,
-            native_extension,
-            native_unsupported_reason,
-            verify_native_step,
-        )
-
-        reason = native_unsupported_reason(model)
-        if reason is not None:
-            raise NativeUnsupportedError(f"native=True: the native decode step implements GPT-2's composition on "
-                                         f"oneDNN in float32, and {reason}")
-        native_extension()  # compile now (or load the cached build), not in the first generate call
-        verify_native_step(model)  # same logits as the Python steps, bit for bit, or an error now
-        model.native_decode = True  # type: ignore[attr-defined]  # a GPTModel (checked above)
+        _prepare_native(model)
     if compile:
-        groups = stacked_linears_of(model)
-        if groups:  # compiled code cannot compare pointers: check the stacked matrices before each call
-            checks = [h for h in model._forward_pre_hooks.values() if isinstance(h, StackedLinearsCheck)]
-            if checks:  # optimized before: one check of the current groups, not one more hook per call
-                checks[0].groups = groups
-            else:
-                model.register_forward_pre_hook(StackedLinearsCheck(groups))
         return torch.compile(model)  # type: ignore[return-value]  # an OptimizedModule wrapping model
     return model
+
+
+def _prepare_native(model: nn.Module) -> None:
+    """Check that ``model`` is the native step's composition, build (or load) the extension, check its
+    logits against the Python steps, and choose it as the model's decoder."""
+    from .decode import choose_native_decoder
+    from .native import NativeUnsupportedError, native_extension, native_unsupported_reason, verify_native_step
+
+    reason = native_unsupported_reason(model)
+    if reason is not None:
+        raise NativeUnsupportedError(f"native=True: the native decode step implements GPT-2's composition on "
+                                     f"oneDNN in float32, and {reason}")
+    native_extension()  # compile now (or load the cached build), not in the first generate call
+    verify_native_step(model)  # same logits as the Python steps, bit for bit, or an error now
+    choose_native_decoder(model)
 
 
 @functools.cache

@@ -1,13 +1,13 @@
 """The native decode step: GPT-2's cached forward pass in C++, for ``optimize_for_inference(native=True)``.
 
 A decode step streams every weight once (494 MB for gpt2-small), which evicts the caches in every
-layer; the Python between the kernels (the inference steps of :mod:`modelkit.plan`) then runs with
+layer; the Python between the kernels (the inference steps of :mod:`modelkit.runtime.steps`) then runs with
 cold caches too. ``python benchmarks/decode_breakdown.py`` measures it: besides its matmuls, which
 read the weights as fast as the weight-read bound's, a gpt2-small token takes ~1.7 ms, ~1.2 ms of
 it because of the cold caches, where 90% of the bound leaves ~0.9 ms.
 
 :func:`native_step` returns the model's forward as one C++ call per token
-(``modelkit/csrc/decode_step.cpp``) when the model is exactly the composition it implements:
+(``decode_step.cpp`` beside this module) when the model is exactly the composition it implements:
 
 - learned positions, pre-norm blocks, LayerNorm norms, multi-head attention with the ``sdpa``
   backend and its q/k/v stacked into one matrix, the MLP feed-forward with its activation fused
@@ -37,13 +37,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .errors import ModelkitError, SpeedOptionError
-from .plan import Step, _global_hooks, _has_hooks, identity_step, step_of
+from ...errors import ModelkitError, SpeedOptionError
+from ..steps import Step, global_hooks, has_hooks, identity_step, step_of
 
 __all__ = ["NativeBuildError", "NativeUnsupportedError", "native_extension", "native_step", "native_unsupported_reason",
            "verify_native_step"]
 
-SOURCE = Path(__file__).parent / "csrc" / "decode_step.cpp"
+SOURCE = Path(__file__).parent / "decode_step.cpp"
 
 
 class NativeBuildError(ModelkitError, RuntimeError):
@@ -82,14 +82,15 @@ def native_extension() -> ModuleType:
 def _layout(model: nn.Module) -> tuple[list[Tensor | None], list[float], int, str, str] | str:
     """The tensors and settings :func:`native_step` passes to C++, or why ``model`` is not the
     composition it implements."""
-    from .components.attention import MultiHeadAttention
-    from .components.block import PreNormBlock
-    from .components.feedforward import MLP
-    from .components.kernels import sdpa_attention
-    from .components.norm import LayerNorm
-    from .components.positional import LearnedPositional
-    from .model import GPTModel
-    from .onednn import OneDNNLinear, OneDNNLinearActivation, onednn_linear_available
+    from ...components.attention import MultiHeadAttention
+    from ...components.block import PreNormBlock
+    from ...components.feedforward import MLP
+    from ...components.kernels import sdpa_attention
+    from ...components.norm import LayerNorm
+    from ...components.positional import LearnedPositional
+    from ...model import GPTModel
+    from ..onednn import OneDNNLinear, OneDNNLinearActivation, onednn_linear_available
+    from ..stacking import StackedLinear
 
     if type(model) is not GPTModel:
         return f"not a GPTModel ({type(model).__name__})"
@@ -97,7 +98,7 @@ def _layout(model: nn.Module) -> tuple[list[Tensor | None], list[float], int, st
         return "the model is in training mode"
     if not onednn_linear_available():
         return "this PyTorch has no oneDNN linear op"
-    hooked = next((name or "the model" for name, m in model.named_modules() if _has_hooks(m)), None)
+    hooked = next((name or "the model" for name, m in model.named_modules() if has_hooks(m)), None)
     if hooked is not None:
         return f"{hooked} has hooks"
     if type(model.pos_emb) is not LearnedPositional:
@@ -132,9 +133,10 @@ def _layout(model: nn.Module) -> tuple[list[Tensor | None], list[float], int, st
         att, ff = block.att, block.ff
         if type(att) is not MultiHeadAttention or att.kernel is not sdpa_attention:
             return f"{where}.att is not mha with the sdpa backend"
-        layers = (att.W_query, att.W_key, att.W_value)
-        stacked = att.stacked_qkv
-        if stacked is None or not stacked.usable(layers) or stacked.sizes != [att.d_out] * 3:
+        layers = [att.W_query, att.W_key, att.W_value]
+        stacked = att.W_query.group if type(att.W_query) is StackedLinear else None
+        if (stacked is None or stacked.members != layers or not stacked.usable() or stacked.sizes != [att.d_out] * 3
+                or any(has_hooks(m) for m in layers)):
             return f"{where}.att's q/k/v are not stacked into one matrix (optimize_for_inference)"
         if type(ff) is not MLP or len(ff.layers) != 3 or type(ff.layers[1]) is not nn.Identity:
             return f"{where}.ff is not an MLP with its activation fused (optimize_for_inference)"
@@ -178,7 +180,7 @@ def native_step(model: nn.Module) -> Step | None:
     Like any step, valid for the model as it is now. Builds the extension if needed
     (:class:`NativeBuildError` when that fails).
     """
-    if _global_hooks() or torch.is_autocast_enabled("cpu"):
+    if global_hooks() or torch.is_autocast_enabled("cpu"):
         return None
     found = _layout(model)
     if isinstance(found, str):

@@ -33,11 +33,11 @@ import torch
 from torch import Tensor
 
 from .checkpoint import _Source, _load_sources, _resolve_device, _torch_load, build_empty
-from .errors import CheckpointError, SpecError
-from .spec import ModelSpec, load_spec
+from ..errors import CheckpointError, SpecError
+from ..spec import ModelSpec, load_spec
 
 if TYPE_CHECKING:
-    from .model import GPTModel
+    from ..model import GPTModel
 
 # Hugging Face activation_function -> modelkit activation (identical maths).
 HF_ACTIVATIONS: dict[str, str] = {

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelkitError
+from ..errors import ModelkitError
 
 
 class PlotError(ModelkitError, RuntimeError):

@@ -23,8 +23,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .errors import ModelkitError
-from .tokenizer import ENDOFTEXT, get_tokenizer
+from ..errors import ModelkitError
+from ..tokenizer import ENDOFTEXT, get_tokenizer
 
 TokenSource = str | Sequence[int] | Tensor
 

@@ -10,7 +10,7 @@ are not quantised. Few rows (decoding: ``<= SMALL_BATCH`` rows) use PyTorch's in
 (``aten._weight_int8pack_mm``) with bf16 activations, the fast CPU path; more rows (prefill,
 scoring), other devices, and ``in_features`` that are not a multiple of 16 (the kernel's block: it
 crashes or miscomputes otherwise, torch 2.13) dequantise the weight to the activations' dtype and run
-an ordinary matmul (oneDNN's on the CPU in inference, see :mod:`modelkit.onednn`), and so does a
+an ordinary matmul (oneDNN's on the CPU in inference, see :mod:`modelkit.runtime.onednn`), and so does a
 CPU where the kernel does not work (:func:`int8_kernel_available`, probed once). An fp32 model
 therefore sees bf16-rounded activations in its decode matmuls only.
 
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import SpeedOptionError
+from ..errors import SpeedOptionError
 from .onednn import (
     OneDNNLinearActivation,
     onednn_applies,

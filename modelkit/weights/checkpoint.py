@@ -26,11 +26,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from .errors import CheckpointError, PluginError, RegistryError, SpecError
-from .spec import SLOT_DEFAULTS, ComponentSpec, ModelSpec, load_spec
+from ..errors import CheckpointError, PluginError, RegistryError, SpecError
+from ..spec import SLOT_DEFAULTS, ComponentSpec, ModelSpec, load_spec
 
 if TYPE_CHECKING:
-    from .model import GPTModel
+    from ..model import GPTModel
 
 FORMAT_NAME = "modelkit-checkpoint"
 FORMAT_VERSION = 1
@@ -113,7 +113,7 @@ class CheckpointInfo:
 
 def _walk_components(spec: ModelSpec) -> Iterator[tuple[str, str, ComponentSpec]]:
     """(JSON path, kind, reference) for every component of ``spec``, nested ones included."""
-    from .registry import get_registry
+    from ..registry import get_registry
 
     def walk(path: str, kind: str, ref: ComponentSpec) -> Iterator[tuple[str, str, ComponentSpec]]:
         yield path, kind, ref
@@ -130,7 +130,7 @@ def component_provenance(spec: ModelSpec) -> list[dict[str, str | None]]:
     """Every component of ``spec`` that is not one of modelkit's built-ins, with where it came from:
     ``{"path", "kind", "type", "distribution", "version", "module"}`` (distribution and version are
     None for a component registered at runtime rather than through a plugin's entry point)."""
-    from .registry import get_registry
+    from ..registry import get_registry
 
     found = []
     for path, kind, ref in _walk_components(spec):
@@ -144,7 +144,7 @@ def component_provenance(spec: ModelSpec) -> list[dict[str, str | None]]:
 
 def _check_plugins_installed(plugins: list[dict[str, str | None]], source: str) -> None:
     """Raise naming each component the checkpoint needs that this installation cannot provide."""
-    from .registry import get_registry
+    from ..registry import get_registry
 
     problems = []
     for p in plugins:
@@ -229,7 +229,7 @@ def build_empty(spec: ModelSpec | Mapping[str, Any] | str | os.PathLike[str],
                 dtype: torch.dtype | None = None) -> GPTModel:
     """A :class:`GPTModel` for ``spec`` whose parameters are on the meta device (to be assigned by
     :func:`load_state_dict_into`) and whose buffers are real, on the CPU, in ``dtype``."""
-    from .builder import build_model, skip_values_on_meta
+    from ..builder import build_model, skip_values_on_meta
 
     with _parameters_on_meta(), skip_values_on_meta():
         return build_model(spec, dtype=dtype)
@@ -266,7 +266,7 @@ def check_state_dict(model: GPTModel, sources: Mapping[str, tuple[tuple[int, ...
     Names are matched the way ``load_state_dict`` matches them (module hooks included, so the book's
     ``att.mask`` buffers are accepted), against a meta-device twin of the model.
     """
-    from .builder import build_model
+    from ..builder import build_model
 
     twin = build_model(model.spec, device="meta")
     expected = twin.state_dict(keep_vars=True)
@@ -373,7 +373,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> CheckpointInfo:
     """Describe a modelkit checkpoint from its header alone (no tensor data is read).
 
     Raises :class:`CheckpointError` if the file is not a safetensors file, is a safetensors file
-    without a modelkit spec (e.g. a Hugging Face model: use :func:`modelkit.hf.load_hf_gpt2`),
+    without a modelkit spec (e.g. a Hugging Face model: use :func:`modelkit.weights.hf.load_hf_gpt2`),
     was written by a newer format, or needs components this installation lacks.
     """
     path = Path(path)
@@ -429,7 +429,7 @@ def checkpoint_metadata(model: GPTModel, metadata: Mapping[str, str] | None = No
 
     Raises :class:`CheckpointError` if a caller key is reserved or a value is not a string.
     """
-    from . import __version__
+    from ..version import __version__
 
     extra = dict(metadata or {})
     for key, value in extra.items():

@@ -4,7 +4,7 @@ modelkit's CPU speed options (oneDNN Linear layers, bfloat16, int8 weights, the 
 depend on the instruction sets of the machine: oneDNN, for one, has a bfloat16 inner product only
 with AVX-512 (``avx512_core``), AVX2-VNNI-2 or AMX, so an AVX2 laptop or server must run bfloat16
 Linear layers another way. Each speed option therefore probes, once per process, whether its kernel
-computes correctly here (:func:`modelkit.onednn.onednn_dtypes`, :func:`modelkit.quantize.int8_kernel_available`)
+computes correctly here (:func:`modelkit.runtime.onednn.onednn_dtypes`, :func:`modelkit.runtime.quantize.int8_kernel_available`)
 and takes PyTorch's own path where it does not. This module names what was detected, for
 ``modelkit info --device`` and for error messages.
 
@@ -79,7 +79,7 @@ def apply_forced_capability() -> str | None:
 
     Returns the forced capability, or None. Called when ``modelkit`` is imported, where an unknown
     value is left alone: the CLI refuses it (exit status 2) and so does
-    :func:`~modelkit.speed.optimize_for_inference` (:class:`~modelkit.errors.SpeedOptionError`).
+    :func:`~modelkit.runtime.optimize.optimize_for_inference` (:class:`~modelkit.errors.SpeedOptionError`).
     """
     value = _forced_value()
     if value not in CAPABILITIES:

@@ -1,4 +1,4 @@
-"""modelkit.plan: inference steps compute what the modules compute, and give way to the modules
+"""modelkit.runtime.steps: inference steps compute what the modules compute, and give way to the modules
 whenever a step could differ (hooks, training mode, overridden forward, autocast, moved weights)."""
 
 from __future__ import annotations
@@ -11,9 +11,11 @@ from conftest import skip_without_bf16_kernel
 
 from modelkit import GPTModel, generate
 from modelkit.components.norm import LayerNorm
-from modelkit.onednn import OneDNNLinear, linears_step, onednn_linear_available
-from modelkit.plan import identity_step, step_of
-from modelkit.speed import optimize_for_inference
+from modelkit.components.base import FeedForward, ModelDims
+from modelkit.runtime.onednn import OneDNNLinear, onednn_linear_available
+from modelkit.runtime.optimize import optimize_for_inference
+from modelkit.runtime.stacking import linears_step
+from modelkit.runtime.steps import identity_step, register_step, step_of
 from modelkit.testing import tiny_model_spec
 
 pytestmark = pytest.mark.speed
@@ -68,12 +70,13 @@ def test_optimised_model_step_reads_q_k_v_in_one_matmul_with_the_same_logits(mon
     monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", counting)
     step = step_of(model)  # built after the patch, so its calls are counted
     x = ids()
+    n_layers = len(model.trf_blocks)
     with torch.inference_mode():
-        want = model(x)
+        want = model(x)  # the modules' forward: the first of q/k/v computes all three
+        assert calls[0] == 4 * n_layers + 1  # per layer: stacked q/k/v, out_proj, up with GELU, down; the head
         calls[0] = 0
         got = step(x)
-    n_layers = len(model.trf_blocks)
-    assert calls[0] == 4 * n_layers + 1  # per layer: stacked q/k/v, out_proj, up with GELU, down; the head
+    assert calls[0] == 4 * n_layers + 1
     assert torch.equal(got, want)
 
 
@@ -146,9 +149,11 @@ def test_a_released_stack_falls_back_to_the_layers_with_their_new_weights() -> N
     with torch.no_grad():
         att.W_key.weight.data = torch.randn(32, 32)  # moved out of the stacked matrix
         want = [F.linear(x, m.weight, m.bias) for m in layers]
+    group = att.W_query.group
     with torch.inference_mode():
-        got = linears_step(att.stacked_qkv, layers)(x)
-    assert att.stacked_qkv.weight is None  # released for good
+        got = linears_step(layers)(x)
+        assert group.weight is None  # released for good
+        assert all(torch.allclose(m(x), w, atol=1e-5) for m, w in zip(layers, want))  # the modules too
     for g, w in zip(got, want):
         assert torch.allclose(g, w, atol=1e-5)
 
@@ -194,3 +199,39 @@ def test_a_step_called_with_autograd_on_still_gets_gradients() -> None:
     assert grads.keys() == want.keys() and len(want) == len(list(model.parameters()))
     for n in want:
         assert torch.allclose(grads[n], want[n], atol=1e-5, rtol=1e-4), n
+
+
+class Halver(FeedForward):
+    """A plugin-style component: forward only."""
+
+    def __init__(self, dims: ModelDims | None = None) -> None:
+        super().__init__()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * 0.5
+
+
+def test_a_step_registered_for_a_class_in_the_runtime_is_used_for_its_modules_and_subclasses() -> None:
+    module = Halver()
+    assert step_of(module) is module  # nothing registered: called as a module
+
+    calls: list[str] = []
+
+    @register_step(Halver)
+    def halver_step(m: Halver):
+        calls.append("built")
+        return lambda x: x * 0.5
+
+    class Quiet(Halver):  # inherits forward: the step stands for it too
+        pass
+
+    class Other(Halver):  # overrides forward: the parent's step would be wrong
+        def forward(self, x: Tensor) -> Tensor:
+            return x
+
+    x = torch.randn(2, 3, 4)
+    assert torch.equal(step_of(module)(x), module(x)) and calls == ["built"]
+    quiet = Quiet()
+    assert step_of(quiet) is not quiet and calls == ["built", "built"]
+    other = Other()
+    assert step_of(other) is other
