@@ -275,7 +275,7 @@ def compare(specs: Sequence[ModelSpec | Mapping[str, Any] | str], options: Compa
     data and settings for all. Loss curves and the grad-norm plot go to ``options.out_dir`` if given.
     """
     from .devices import resolve_device
-    from .train import TrainConfig, train
+    from .training import TrainConfig, train
 
     options = options or CompareOptions()
     if not specs:

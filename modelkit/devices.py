@@ -1,7 +1,7 @@
 """The torch device a command runs on: ``--device`` of ``modelkit generate``, ``train`` and ``compare``.
 
 Kept apart from training so that generation (and anything else) can resolve a device without
-importing :mod:`modelkit.train`.
+importing :mod:`modelkit.training`.
 """
 
 from __future__ import annotations

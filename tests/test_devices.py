@@ -45,7 +45,7 @@ def test_unknown_meta_and_unavailable_devices_are_one_line_errors(monkeypatch: p
         assert message in str(info.value) and "\n" not in str(info.value)
 
 
-def test_train_resolves_devices_with_the_same_helper() -> None:
-    import modelkit.train
+def test_training_resolves_devices_with_the_same_helper() -> None:
+    from modelkit.training import distributed
 
-    assert modelkit.train.resolve_device is resolve_device
+    assert distributed.resolve_device is resolve_device

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from modelkit.testing import synthetic_text, tiny_model_spec
-from modelkit.train import TrainConfig, read_metrics, read_train_state, train
+from modelkit.training import TrainConfig, read_metrics, read_train_state, train
 
 
 def free_port() -> int:

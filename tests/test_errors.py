@@ -44,7 +44,7 @@ def test_each_error_keeps_its_builtin_base():
     from modelkit.runtime.native import NativeBuildError, NativeUnsupportedError
     from modelkit.training.plots import PlotError
     from modelkit.tokenizer import TokenizerAssetError
-    from modelkit.train import TrainError
+    from modelkit.training import TrainError
 
     for cls in (modelkit.SpecError, modelkit.CheckpointError, modelkit.GenerationError, SpeedOptionError,
                 DeviceError, CompareError, DataError, TrainError, NativeUnsupportedError):

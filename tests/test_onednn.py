@@ -134,7 +134,7 @@ def test_kernel_choice_and_a_build_without_onednn(monkeypatch):
 def test_training_on_onednn_follows_the_f_linear_run_and_auto_takes_the_faster_kernel(monkeypatch, onednn_faster):
     # benchmarks/peers.py, training step: oneDNN 1.39-1.61x PyTorch's kernels with AVX-512, 0.87x with AVX2
     import modelkit.runtime.optimize
-    from modelkit.train import TrainConfig, TrainError, train
+    from modelkit.training import TrainConfig, TrainError, train
 
     monkeypatch.setattr(modelkit.runtime.optimize, "onednn_trains_faster", lambda: onednn_faster)
     ids = torch.randint(0, CFG["vocab_size"], (600,), generator=torch.Generator().manual_seed(8)).tolist()

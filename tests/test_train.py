@@ -18,7 +18,7 @@ from modelkit.cli import main
 from modelkit.training.dataset import DataError, GPTDatasetV1, ShardedBatchSampler, split_text
 from modelkit.testing import synthetic_text, tiny_model_spec
 from modelkit.tokenizer import get_tokenizer
-from modelkit.train import TrainConfig, TrainError, calc_loss_batch, lr_at, train
+from modelkit.training import TrainConfig, TrainError, calc_loss_batch, lr_at, train
 
 
 
@@ -424,7 +424,7 @@ def test_cli_resume_prints_a_changed_learning_rate_and_when_the_schedule_changes
 
 
 def test_resume_changes_name_each_setting_and_only_true_schedule_changes():
-    from modelkit.train import resume_changes
+    from modelkit.training import resume_changes
 
     def saved(config: TrainConfig, step: int, total: int) -> dict:
         return {"config": config.to_dict(), "step": step, "total_steps": total, "world_size": 1}
@@ -452,7 +452,7 @@ def test_resume_changes_name_each_setting_and_only_true_schedule_changes():
 
 
 def test_train_records_the_data_file_it_is_told_and_never_reads_it(tmp_path, monkeypatch):
-    from modelkit.train import read_train_state, recorded_data_path
+    from modelkit.training import read_train_state, recorded_data_path
 
     monkeypatch.chdir(tmp_path)
     ids, vocab = small_vocab_ids(30)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..training.dataset import DataError
-from ..train import (
+from ..training import (
     TrainConfig,
     TrainError,
     TrainResult,
@@ -92,7 +92,7 @@ def _read_text(path: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from ..spec import load_spec
-    from ..train import train
+    from ..training import train
 
     explicit = {field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _, _) in OPTIONS.items()}
     explicit.update(shuffle=args.shuffle, plot=args.plot)
