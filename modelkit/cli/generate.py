@@ -56,12 +56,12 @@ def add_parser(sub: Any) -> None:
                    help="int8: weight-only int8 Linear layers (fewest bytes per token, fastest CPU decoding; "
                         "see modelkit.runtime.quantize)")
     p.add_argument("--huge-pages", action="store_true",
-                   help="move the weights to 2 MiB pages first (Linux; ~1 s for gpt2-small, then ~4-6%% faster "
-                        "decoding: worth it for thousands of tokens; see modelkit.runtime.hugepages)")
+                   help="move the weights to 2 MiB pages first (Linux): a one-off copy that makes each decoded "
+                        "token cheaper, so it pays for long generations (see modelkit.runtime.hugepages)")
     p.add_argument("--native", action="store_true",
-                   help="decode with the native (C++) step: GPT-2's composition only, same tokens, 6-12%% faster "
-                        "per token for gpt2-small here; compiled on first use (~20 s; needs a C++ compiler and "
-                        "ninja: pip install 'modelkit[native]'), then cached (see modelkit.runtime.native)")
+                   help="decode with the native (C++) step: GPT-2's composition only, the same tokens without "
+                        "the Python between the kernels; compiled on first use (needs a C++ compiler and ninja: "
+                        "pip install 'modelkit[native]'), then cached (see modelkit.runtime.native)")
     p.set_defaults(func=run)
 
 

@@ -37,7 +37,7 @@ from .onednn import (
 __all__ = ["SMALL_BATCH", "Int8Linear", "int8_kernel_available", "quantize_int8_", "quantize_weight_int8"]
 
 #: Up to this many rows (tokens) per call, Int8Linear uses the int8 matmul kernel; above it, the
-#: weight is dequantised and a float matmul runs (measured crossover on an AVX-512 CPU: 16-64 rows).
+#: weight is dequantised and a float matmul runs, which is faster for many rows.
 SMALL_BATCH = 16
 _KERNEL_BLOCK = 16  # aten._weight_int8pack_mm needs in_features % 16 == 0 on CPU
 
