@@ -381,3 +381,55 @@ def test_info_builds_the_llama_style_config(capsys: pytest.CaptureFixture[str]) 
     block = 2 * d * d + 2 * d * kv + 3 * d * hidden + 2 * d
     assert info["parameters"] == emb + layers * block + d == 114_114_048
     assert info["tied_embeddings"] is True
+
+
+# -- runtime modules: a plugin's optional fast paths ----------------------------------------------------
+
+RUNTIME_MODULE = """
+from modelkit.runtime.steps import register_step
+from goodplug_norm import ScaleNorm
+
+STEPS_BUILT = []
+
+@register_step(ScaleNorm)
+def scalenorm_step(norm):
+    STEPS_BUILT.append(norm)
+    return lambda x: norm(x)
+"""
+
+CHECK_RUNTIME = """
+import warnings, torch
+from modelkit import build_model, generate
+from modelkit.runtime.steps import step_of
+torch.manual_seed(0)
+spec = {"vocab_size": 50, "context_length": 16, "emb_dim": 16, "n_heads": 2, "n_layers": 1,
+        "drop_rate": 0.0, "qkv_bias": False, "norm": "goodplug.scalenorm"}
+model = build_model(spec).eval()
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    tokens = generate(model, torch.tensor([[1, 2, 3]]), 4)
+print("tokens", tokens.shape[1])
+print("warnings", [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)])
+import sys
+print("registered", "goodplug_runtime" in sys.modules and len(sys.modules["goodplug_runtime"].STEPS_BUILT) > 0)
+"""
+
+
+def test_a_plugins_runtime_module_is_loaded_through_its_entry_point(tmp_path: Path) -> None:
+    name, version, eps, modules = GOOD
+    write_dist(tmp_path, name, version, {**eps, "modelkit.runtime": {"goodplug": "goodplug_runtime"}},
+               {**modules, "goodplug_runtime": RUNTIME_MODULE})
+    done = run_python(CHECK_RUNTIME, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "tokens 7" in done.stdout and "registered True" in done.stdout and "warnings []" in done.stdout
+
+
+def test_a_runtime_module_that_fails_to_import_warns_and_the_components_still_run(tmp_path: Path) -> None:
+    name, version, eps, modules = GOOD
+    write_dist(tmp_path, name, version, {**eps, "modelkit.runtime": {"goodplug": "goodplug_runtime"}},
+               {**modules, "goodplug_runtime": "import nonexistent_dependency_xyz\n"})
+    done = run_python(CHECK_RUNTIME, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "tokens 7" in done.stdout and "registered False" in done.stdout
+    assert "runtime plugin 'goodplug' (goodplug_runtime) failed to import" in done.stdout
+    assert "nonexistent_dependency_xyz" in done.stdout
