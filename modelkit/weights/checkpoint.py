@@ -18,16 +18,22 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
 from torch import Tensor, nn
 
-from ..errors import CheckpointError, PluginError, RegistryError, SpecError
-from ..spec import SLOT_DEFAULTS, ComponentSpec, ModelSpec, load_spec
+from ..errors import CheckpointError, PluginError, RegistryError, SpecError, SpecIssue
+from ..registry import KINDS
+from ..spec import SLOT_DEFAULTS, ComponentSpec, ModelSpec, describe_json, load_spec, parse_json, validate_spec
+from .safetensors_file import (
+    ST_DTYPES, Header, loads_json, map_tensors, open_file, pydantic_lines, read_header, read_header_of,
+)
 
 if TYPE_CHECKING:
     from ..model import GPTModel
@@ -43,17 +49,11 @@ KEY_PLUGINS = "modelkit.plugins"
 KEY_TIED = "modelkit.tied"
 KEY_TORCH = "torch.version"
 _RESERVED = {"format", KEY_TORCH}
-_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
 _MAX_LISTED = 20  # names listed per kind of problem before "... and N more"
-
-# safetensors dtype codes -> torch dtypes (those torch has).
-_ST_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-if hasattr(torch, "float8_e4m3fn"):
-    _ST_DTYPES |= {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+_MAX_TEXT = 1000  # characters of a name or version recorded in the metadata
+_MAX_PLUGINS = 1000
+_ST_DTYPES = ST_DTYPES  # safetensors dtype codes -> torch dtypes (those torch has)
+_BLOCK = re.compile(r"^trf_blocks\.(\d+)\.")
 
 
 # -- what a checkpoint holds --------------------------------------------------------------------
@@ -266,9 +266,15 @@ def check_state_dict(model: GPTModel, sources: Mapping[str, tuple[tuple[int, ...
     Names are matched the way ``load_state_dict`` matches them (module hooks included, so the book's
     ``att.mask`` buffers are accepted), against a meta-device twin of the model.
     """
+    return _fit_problems(model.spec, sources)
+
+
+def _fit_problems(spec: ModelSpec, sources: Mapping[str, tuple[tuple[int, ...], torch.dtype | None]]
+                  ) -> list[str]:
+    """:func:`check_state_dict` for the model ``spec`` describes."""
     from ..builder import build_model
 
-    twin = build_model(model.spec, device="meta")
+    twin = build_model(spec, device="meta")
     expected = twin.state_dict(keep_vars=True)
     aliases = tied_names(twin)
     misshaped, wrong_dtype = [], []
@@ -300,9 +306,11 @@ def _spec_summary(spec: ModelSpec) -> str:
 
 
 def _load_sources(model: GPTModel, sources: Mapping[str, _Source], source: str, *,
-                  dtype: torch.dtype | None = None, device: torch.device | None = None) -> GPTModel:
-    """Check, then load ``sources`` into ``model`` (assigning when its parameters are on meta)."""
-    problems = check_state_dict(model, {k: (s.shape, s.dtype) for k, s in sources.items()})
+                  dtype: torch.dtype | None = None, device: torch.device | None = None,
+                  checked: bool = False) -> GPTModel:
+    """Check (unless ``checked``: :func:`check_spec_fits_tensors` passed), then load ``sources`` into
+    ``model`` (assigning when its parameters are on meta)."""
+    problems = [] if checked else check_state_dict(model, {k: (s.shape, s.dtype) for k, s in sources.items()})
     if problems:
         raise CheckpointError("\n".join([f"{source} does not fit the spec {_spec_summary(model.spec)}:",
                                          *problems]))
@@ -347,76 +355,152 @@ def load_state_dict_into(model: GPTModel, state_dict: Mapping[str, Tensor], *, s
 
 # -- reading the header -------------------------------------------------------------------------
 
-def _read_safetensors_header(path: Path) -> tuple[dict[str, Any], int, int]:
-    """(header JSON, data offset, file size), reading only the header bytes."""
+_Text = Annotated[str, StringConstraints(max_length=_MAX_TEXT)]
+
+
+class _PluginRecord(BaseModel):
+    """One entry of ``modelkit.plugins``: a non-built-in component and where it came from."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    path: _Text
+    kind: Literal[KINDS]  # type: ignore[valid-type]
+    type: _Text
+    distribution: _Text | None
+    version: _Text | None
+    module: _Text | None
+
+
+_METADATA = TypeAdapter(dict[str, str], config=ConfigDict(strict=True))
+_PLUGINS = TypeAdapter(Annotated[list[_PluginRecord], Field(max_length=_MAX_PLUGINS)])
+_TIED = TypeAdapter(dict[_Text, _Text], config=ConfigDict(strict=True))
+_VERSION_TEXT = re.compile(r"[0-9]{1,9}")
+
+
+def _metadata_text(raw: Any, path: Path) -> dict[str, str]:
+    """The header's ``__metadata__``: an object of text values that names a modelkit spec."""
+    if raw is None or (isinstance(raw, dict) and KEY_SPEC not in raw):
+        raise CheckpointError(f"{path} is a safetensors file but not a modelkit checkpoint (no modelkit spec in "
+                              "its metadata); for a Hugging Face GPT-2 folder use `modelkit import-hf`")
     try:
-        size = path.stat().st_size
-        with path.open("rb") as fh:
-            raw = fh.read(8)
-            n = int.from_bytes(raw, "little") if len(raw) == 8 else -1
-            if n <= 1 or n > _MAX_HEADER or 8 + n > size:
-                raise CheckpointError(f"{path} is not a safetensors file (no valid header); a modelkit "
-                                      "checkpoint is written by save_checkpoint or `modelkit import-hf`")
-            text = fh.read(n)
-    except OSError as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
+        return _METADATA.validate_python(raw)
+    except ValidationError as exc:
+        raise CheckpointError(f"{path}: invalid modelkit metadata (safetensors metadata is an object of "
+                              "strings):\n  " + "\n  ".join(pydantic_lines(exc, "metadata")[:_MAX_LISTED])) from None
+
+
+def _format_version(meta: Mapping[str, str], path: Path) -> int:
+    """The checkpoint's format version; raises unless it is one this modelkit reads."""
+    text = meta.get(KEY_FORMAT_VERSION)
+    if text is None or not _VERSION_TEXT.fullmatch(text):
+        got = "missing" if text is None else f"got {describe_json(text)}"
+        raise CheckpointError(f"{path}: invalid modelkit metadata:\n  metadata.{KEY_FORMAT_VERSION}: expected a "
+                              f"whole number as text, {got}")
+    if meta.get(KEY_FORMAT, FORMAT_NAME) != FORMAT_NAME:
+        raise CheckpointError(f"{path}: invalid modelkit metadata:\n  metadata.{KEY_FORMAT}: expected "
+                              f"{FORMAT_NAME!r}, got {describe_json(meta[KEY_FORMAT])}")
+    version = int(text)
+    if version < 1 or version > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {text!r} is not one this "
+                              f"modelkit reads (it reads 1..{FORMAT_VERSION}); upgrade modelkit")
+    return version
+
+
+def _json_field(meta: Mapping[str, str], key: str, default: str, adapter: TypeAdapter[Any],
+                problems: list[str]) -> Any:
+    """The JSON text ``meta[key]`` parsed and validated by ``adapter``; None (and a problem) if it is not."""
+    where = f"metadata.{key}"
     try:
-        header = json.loads(text)
-        if not isinstance(header, dict):
-            raise ValueError("not an object")
-    except (ValueError, UnicodeDecodeError):
-        raise CheckpointError(f"{path} is not a safetensors file (its header is not JSON)") from None
-    return header, 8 + n, size
+        value = loads_json(meta.get(key, default))
+    except ValueError as exc:
+        problems.append(f"{where}: not JSON text ({exc})")
+        return None
+    try:
+        return adapter.validate_python(value)
+    except ValidationError as exc:
+        problems.extend(pydantic_lines(exc, where)[:_MAX_LISTED])
+        return None
+
+
+def _spec_field(meta: Mapping[str, str], path: Path) -> ModelSpec:
+    """The checkpoint's spec: ``modelkit.spec`` parsed as JSON text (never a path) and validated."""
+    where = f"metadata.{KEY_SPEC}"
+    try:
+        try:
+            data = parse_json(meta[KEY_SPEC], where)
+        except RecursionError:
+            raise SpecError([SpecIssue("", "invalid JSON: nested too deeply")], where) from None
+        spec = validate_spec(data, where)
+    except SpecError as exc:
+        lines = [f"{where}.{i.path}: {i.message}" if i.path else f"{where}: {i.message}" for i in exc.issues]
+        raise CheckpointError(f"{path}: the checkpoint's spec is not valid with this modelkit:\n  "
+                              + "\n  ".join(lines)) from None
+    return spec
+
+
+def check_spec_fits_tensors(spec: ModelSpec, sources: Mapping[str, tuple[tuple[int, ...], torch.dtype | None]],
+                            source: str) -> None:
+    """Raise :class:`CheckpointError` unless tensors ``{name: (shape, dtype)}`` fit ``spec``: the lines
+    of :func:`check_state_dict`, found on a meta-device twin, before anything real is built.
+
+    The number of blocks is checked first: a spec with far more blocks than the tensors hold
+    (``n_layers`` 10**12 against ``trf_blocks.0`` .. ``11``) is refused at once instead of being
+    built without end; near misses get the full listing. Sizes too large to build even on the meta
+    device are refused too.
+    """
+    blocks = {int(m.group(1)) for name in sources if (m := _BLOCK.match(name))}
+    stored = max(blocks) + 1 if blocks else 0
+    if spec.n_layers > 2 * stored + 8:  # building the twin costs time in proportion to the file, at most
+        held = f"trf_blocks.0 .. {stored - 1}" if blocks else "no trf_blocks tensors"
+        raise CheckpointError(f"{source} does not fit the spec {_spec_summary(spec)}: it holds {len(blocks)} "
+                              f"blocks ({held}), the spec has n_layers {spec.n_layers}")
+    try:
+        problems = _fit_problems(spec, sources)
+    except (RuntimeError, ValueError, OverflowError) as exc:  # torch refuses sizes it cannot even describe
+        raise CheckpointError(f"{source}: the spec {_spec_summary(spec)} cannot be built: {exc}") from None
+    if problems:
+        raise CheckpointError("\n".join([f"{source} does not fit the spec {_spec_summary(spec)}:", *problems]))
+
+
+def _checkpoint_info(path: Path, header: Header) -> CheckpointInfo:
+    """What a validated safetensors header says as a modelkit checkpoint; every field checked."""
+    meta = _metadata_text(header.metadata, path)
+    version = _format_version(meta, path)
+    problems: list[str] = []
+    if len(meta.get(KEY_VERSION, "")) > _MAX_TEXT:
+        problems.append(f"metadata.{KEY_VERSION}: longer than {_MAX_TEXT} characters")
+    records = _json_field(meta, KEY_PLUGINS, "[]", _PLUGINS, problems)
+    tied = _json_field(meta, KEY_TIED, "{}", _TIED, problems)
+    if problems:
+        raise CheckpointError(f"{path}: invalid modelkit metadata:\n  " + "\n  ".join(problems))
+    plugins = [r.model_dump() for r in records]
+    _check_plugins_installed(plugins, str(path))
+    spec = _spec_field(meta, path)
+    tensors = {name: TensorInfo(e.shape, e.dtype) for name, e in header.entries.items()}
+    check_spec_fits_tensors(spec, {n: (t.shape, t.torch_dtype) for n, t in tensors.items()}, str(path))
+    user = {k: v for k, v in meta.items() if not k.startswith("modelkit.") and k not in _RESERVED}
+    return CheckpointInfo(path, spec, version, meta.get(KEY_VERSION, "?"), dict(meta), user, plugins, tied,
+                          tensors, header.file_size, header.data_offset, header.data_size)
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> CheckpointInfo:
     """Describe a modelkit checkpoint from its header alone (no tensor data is read).
 
-    Raises :class:`CheckpointError` if the file is not a safetensors file, is a safetensors file
-    without a modelkit spec (e.g. a Hugging Face model: use :func:`modelkit.weights.hf.load_hf_gpt2`),
-    was written by a newer format, or needs components this installation lacks.
+    The file is data only: its spec is JSON text (never a path), and every metadata field is
+    validated. Raises :class:`CheckpointError` if the file is not a safetensors file, its header or
+    metadata is malformed (each problem with its JSON path, e.g. ``metadata.modelkit.spec.n_layers``),
+    it is a safetensors file without a modelkit spec (e.g. a Hugging Face model: use
+    :func:`modelkit.weights.hf.load_hf_gpt2`), was written by a newer format, or needs components
+    this installation lacks.
     """
     path = Path(path)
-    header, offset, size = _read_safetensors_header(path)
-    meta = header.pop("__metadata__", None) or {}
-    if not isinstance(meta, dict) or KEY_SPEC not in meta:
-        raise CheckpointError(f"{path} is a safetensors file but not a modelkit checkpoint (no modelkit spec in "
-                              "its metadata); for a Hugging Face GPT-2 folder use `modelkit import-hf`")
-    try:
-        version = int(meta.get(KEY_FORMAT_VERSION, "0"))
-    except ValueError:
-        version = -1
-    if version < 1 or version > FORMAT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint format version {meta.get(KEY_FORMAT_VERSION)!r} is not one this "
-                              f"modelkit reads (it reads 1..{FORMAT_VERSION}); upgrade modelkit")
-    try:
-        plugins = json.loads(meta.get(KEY_PLUGINS, "[]"))
-        tied = json.loads(meta.get(KEY_TIED, "{}"))
-        spec_data = json.loads(meta[KEY_SPEC])
-    except ValueError as exc:
-        raise CheckpointError(f"{path}: corrupt modelkit metadata: {exc}") from None
-    _check_plugins_installed(plugins, str(path))
-    try:
-        spec = load_spec(spec_data)
-    except SpecError as exc:
-        raise CheckpointError(f"{path}: the checkpoint's spec is not valid with this modelkit:\n{exc}") from None
-    tensors: dict[str, TensorInfo] = {}
-    end = 0
-    for name, entry in header.items():
-        try:
-            tensors[name] = TensorInfo(tuple(int(d) for d in entry["shape"]), str(entry["dtype"]))
-            end = max(end, int(entry["data_offsets"][1]))
-        except (KeyError, TypeError, ValueError, IndexError):
-            raise CheckpointError(f"{path}: corrupt safetensors header entry for '{name}'") from None
-    user = {k: v for k, v in meta.items() if not k.startswith("modelkit.") and k not in _RESERVED}
-    return CheckpointInfo(path, spec, version, meta.get(KEY_VERSION, "?"), dict(meta), user, plugins, tied,
-                          tensors, size, offset, end)
+    return _checkpoint_info(path, read_header_of(path))
 
 
 def is_checkpoint_file(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` looks like a safetensors file (by its header), without raising."""
     try:
-        _read_safetensors_header(Path(path))
+        read_header_of(Path(path))
         return True
     except CheckpointError:
         return False
@@ -506,34 +590,31 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: str | torch.device 
                     dtype: torch.dtype | None = None) -> GPTModel:
     """Rebuild the model saved in a modelkit checkpoint, in eval mode.
 
-    The spec comes from the file. Parameters are built on the meta device and the file's tensors
-    assigned to them (memory-mapped on the CPU), so loading needs about one copy of the weights.
-    ``dtype`` converts floating point weights (default: as stored); ``device`` places them.
-    Raises :class:`CheckpointError` (missing/unexpected/mis-shaped tensors listed with their
-    shapes, not a checkpoint, truncated file, missing plugin); no model is returned then.
+    The spec comes from the file. The file is opened once: the header and the tensors come from
+    that one open file (memory-mapped, copy-on-write), so a checkpoint replaced while it is loaded
+    (``os.replace``, as :func:`save_checkpoint` does) gives the old or the new model, whole. The
+    parameters are built on the meta device and the mapped tensors assigned to them, so loading
+    needs about one copy of the weights. ``dtype`` converts floating point weights (default: as
+    stored); ``device`` places them. Raises :class:`CheckpointError` (missing/unexpected/mis-shaped
+    tensors listed with their shapes, malformed metadata, not a checkpoint, truncated file, missing
+    plugin); no model is returned then.
     """
-    from safetensors import safe_open
-
-    info = read_checkpoint(path)
     if dtype is not None and not dtype.is_floating_point:
         raise CheckpointError(f"dtype must be a floating point dtype, got {dtype}")
-    if info.data_offset + info.data_size != info.file_size:
-        raise CheckpointError(f"{info.path} is truncated or corrupt: its header promises "
-                              f"{info.data_offset + info.data_size:,} bytes, the file has {info.file_size:,}")
+    path = Path(path)
     target = _resolve_device(device)
+    with open_file(path) as fh:
+        try:
+            header = read_header(fh, path)
+            info = _checkpoint_info(path, header)
+            getters = map_tensors(fh, header, path)
+        except OSError as exc:
+            raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
     float_dtypes = {t.torch_dtype for t in info.tensors.values() if t.torch_dtype and t.torch_dtype.is_floating_point}
     build_dtype = dtype or (float_dtypes.pop() if len(float_dtypes) == 1 else None)
     model = build_empty(info.spec, dtype=build_dtype)
-    open_device = str(target) if target is not None and target.type != "cpu" else "cpu"
-    try:
-        with safe_open(str(info.path), framework="pt", device=open_device) as fh:
-            sources = {name: _Source(t.shape, t.torch_dtype, lambda name=name: fh.get_tensor(name))
-                       for name, t in info.tensors.items()}
-            _load_sources(model, sources, str(info.path), dtype=dtype, device=target)
-    except CheckpointError:
-        raise
-    except Exception as exc:  # safetensors reports corrupt files with its own error types
-        raise CheckpointError(f"cannot read the tensors of {info.path}: {exc}") from None
+    sources = {name: _Source(t.shape, t.torch_dtype, getters[name]) for name, t in info.tensors.items()}
+    _load_sources(model, sources, str(path), dtype=dtype, device=target, checked=True)
     if target is not None:
         model.to(target)  # buffers
     return model.eval()

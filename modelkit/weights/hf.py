@@ -27,14 +27,17 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import torch
 from torch import Tensor
 
-from .checkpoint import _Source, _load_sources, _resolve_device, _torch_load, build_empty
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .checkpoint import _Source, _load_sources, _resolve_device, _torch_load, build_empty, check_spec_fits_tensors
+from .safetensors_file import loads_json, map_tensors, open_file, pydantic_lines, read_header
 from ..errors import CheckpointError, SpecError
-from ..spec import ModelSpec, load_spec
+from ..spec import ModelSpec, describe_json, load_spec, validate_spec
 
 if TYPE_CHECKING:
     from ..model import GPTModel
@@ -100,47 +103,105 @@ _RULES = tuple((rule, _compile(rule)) for rule in GPT2_KEY_MAP)
 
 # -- config.json <-> spec ---------------------------------------------------------------------------
 
-def spec_from_hf_config(config: Mapping[str, Any], name: str = "gpt2") -> ModelSpec:
+_MAX_HF_SIZE = 2**31 - 1  # no GPT-2 size comes near; larger ones are refused before anything is built
+_HFSize = Annotated[int, Field(ge=1, le=_MAX_HF_SIZE)]
+_MAX_JSON = 16 * 1024 * 1024  # bytes of config.json / index read at most
+
+
+class _HFConfig(BaseModel):
+    """The ``config.json`` fields modelkit reads, with JSON's types (strict); others are ignored."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    model_type: str = "gpt2"
+    vocab_size: _HFSize
+    n_positions: _HFSize
+    n_embd: _HFSize
+    n_layer: _HFSize
+    n_head: _HFSize
+    n_inner: _HFSize | None = None
+    activation_function: str = "gelu_new"
+    layer_norm_epsilon: Annotated[float, Field(gt=0, lt=1)] = 1e-5
+    tie_word_embeddings: bool = True
+    scale_attn_weights: bool = True
+    scale_attn_by_inverse_layer_idx: bool = False
+    add_cross_attention: bool = False
+
+
+def _hf_config_problems(cfg: _HFConfig) -> list[str]:
+    """The features of a well-typed GPT-2 config that modelkit's GPT-2 parts cannot reproduce."""
+    problems = []
+    if cfg.activation_function not in HF_ACTIVATIONS:
+        problems.append(f"activation_function {cfg.activation_function!r} has no modelkit equivalent "
+                        f"(supported: {', '.join(HF_ACTIVATIONS)})")
+    if not cfg.scale_attn_weights:
+        problems.append("scale_attn_weights false (modelkit attention always scales by 1/sqrt(head_dim))")
+    if cfg.scale_attn_by_inverse_layer_idx:
+        problems.append("scale_attn_by_inverse_layer_idx true is not supported")
+    if cfg.add_cross_attention:
+        problems.append("add_cross_attention true (an encoder-decoder GPT-2) is not supported")
+    return problems
+
+
+def spec_from_hf_config(config: Mapping[str, Any], name: str = "gpt2", source: str = "config.json") -> ModelSpec:
     """The modelkit spec of a Hugging Face GPT-2 ``config.json``: its sizes, ``qkv_bias`` true,
     ``drop_rate`` 0 and ``tie_embeddings`` from ``tie_word_embeddings`` (default true).
 
-    Raises :class:`CheckpointError` for a config that is not GPT-2 or uses a feature modelkit's
-    GPT-2 parts cannot reproduce (an unknown activation, unscaled or layer-scaled attention,
-    cross-attention).
+    The config is data: every field modelkit reads is checked for its JSON type and a sane size
+    (at most 2**31 - 1) before anything is built. Raises :class:`CheckpointError` naming ``source``
+    for a config that is not a GPT-2 config object, has malformed fields, or uses a feature
+    modelkit's GPT-2 parts cannot reproduce (an unknown activation, unscaled or layer-scaled
+    attention, cross-attention).
     """
-    problems = []
+    head = f"cannot build a modelkit spec from the GPT-2 config {source}"
+    if not isinstance(config, Mapping):
+        raise CheckpointError(f"{head}: it must be a JSON object, got {_json_type(config)}")
     model_type = config.get("model_type", "gpt2")
     if model_type != "gpt2":
-        problems.append(f"model_type is {model_type!r}, not 'gpt2'")
-    missing = [k for k in ("vocab_size", "n_embd", "n_layer", "n_head", "n_positions") if k not in config]
-    if missing:
-        problems.append(f"missing {', '.join(missing)}")
-    act = config.get("activation_function", "gelu_new")
-    if act not in HF_ACTIVATIONS:
-        problems.append(f"activation_function {act!r} has no modelkit equivalent "
-                        f"(supported: {', '.join(HF_ACTIVATIONS)})")
-    if not config.get("scale_attn_weights", True):
-        problems.append("scale_attn_weights false (modelkit attention always scales by 1/sqrt(head_dim))")
-    if config.get("scale_attn_by_inverse_layer_idx", False):
-        problems.append("scale_attn_by_inverse_layer_idx true is not supported")
-    if config.get("add_cross_attention", False):
-        problems.append("add_cross_attention true (an encoder-decoder GPT-2) is not supported")
+        raise CheckpointError(f"{head}: model_type is {model_type!r}, not 'gpt2'")
+    try:
+        cfg = _HFConfig.model_validate(dict(config))
+    except ValidationError as exc:
+        raise CheckpointError(f"{head}:\n  " + "\n  ".join(pydantic_lines(exc, "config")[:20])) from None
+    problems = _hf_config_problems(cfg)
     if problems:
-        raise CheckpointError("cannot build a modelkit spec from this GPT-2 config: " + "; ".join(problems))
-    feedforward: dict[str, Any] = {"type": "mlp", "activation": HF_ACTIVATIONS[act]}
-    if config.get("n_inner") is not None:
-        feedforward["hidden_dim"] = config["n_inner"]
+        raise CheckpointError(f"{head}: " + "; ".join(problems))
+    feedforward: dict[str, Any] = {"type": "mlp", "activation": HF_ACTIVATIONS[cfg.activation_function]}
+    if cfg.n_inner is not None:
+        feedforward["hidden_dim"] = cfg.n_inner
     data = {
-        "name": name, "vocab_size": config["vocab_size"], "context_length": config["n_positions"],
-        "emb_dim": config["n_embd"], "n_heads": config["n_head"], "n_layers": config["n_layer"],
-        "drop_rate": 0.0, "qkv_bias": True, "tie_embeddings": bool(config.get("tie_word_embeddings", True)),
-        "positional": "learned", "norm": {"type": "layernorm", "eps": config.get("layer_norm_epsilon", 1e-5)},
+        "name": name, "vocab_size": cfg.vocab_size, "context_length": cfg.n_positions,
+        "emb_dim": cfg.n_embd, "n_heads": cfg.n_head, "n_layers": cfg.n_layer,
+        "drop_rate": 0.0, "qkv_bias": True, "tie_embeddings": cfg.tie_word_embeddings,
+        "positional": "learned", "norm": {"type": "layernorm", "eps": cfg.layer_norm_epsilon},
         "attention": {"type": "mha"}, "feedforward": feedforward, "block": "pre_norm",
     }
     try:
-        return load_spec(data)
+        return validate_spec(data, source)
     except SpecError as exc:
-        raise CheckpointError(f"the GPT-2 config does not make a valid spec:\n{exc}") from None
+        raise CheckpointError(f"the GPT-2 config {source} does not make a valid spec:\n{exc}") from None
+
+
+def _json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type (``an array``, ``a number``)."""
+    kinds = [(bool, "a boolean"), ((int, float), "a number"), (str, "a string"), (list, "an array"),
+             (dict, "an object"), (type(None), "null")]
+    return next((word for kind, word in kinds if isinstance(value, kind)), type(value).__name__)
+
+
+def _read_json(path: Path) -> Any:
+    """A small JSON file (config.json, an index) parsed; at most 16 MiB are read, whatever ``path`` is."""
+    try:
+        with path.open("rb") as fh:
+            raw = fh.read(_MAX_JSON + 1)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if len(raw) > _MAX_JSON:
+        raise CheckpointError(f"{path} is larger than {_MAX_JSON // 2**20} MiB: not a config or index file")
+    try:
+        return loads_json(raw)
+    except ValueError as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
 
 
 def hf_config_from_spec(spec: ModelSpec, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
@@ -186,45 +247,63 @@ def hf_config_from_spec(spec: ModelSpec, dtype: torch.dtype = torch.float32) -> 
 
 # -- reading a Hugging Face folder ---------------------------------------------------------------
 
+def _shard_names(index: Path, folder: Path) -> list[Path]:
+    """The shard files a ``model.safetensors.index.json`` names: plain file names inside ``folder``
+    (never a path elsewhere), each an existing file. Raises naming the index and the entry."""
+    data = _read_json(index)
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{index}: not a safetensors index (expected a JSON object, got {_json_type(data)})")
+    weight_map = data.get("weight_map")
+    if not isinstance(weight_map, dict):
+        got = "missing" if weight_map is None else f"got {_json_type(weight_map)}"
+        raise CheckpointError(f"{index}: not a safetensors index: weight_map must be an object of tensor name "
+                              f"-> file name, {got}")
+    files: set[str] = set()
+    for tensor, file in weight_map.items():
+        if not isinstance(file, str):
+            raise CheckpointError(f"{index}: weight_map.{tensor}: expected a file name, got {describe_json(file)}")
+        if file in ("", ".", "..") or "/" in file or "\\" in file or Path(file).is_absolute():
+            raise CheckpointError(f"{index}: weight_map.{tensor}: {file!r} is not a file name in {folder} "
+                                  "(an index names files beside it, never paths)")
+        files.add(file)
+    missing = [f for f in sorted(files) if not (folder / f).is_file()]
+    if missing:
+        raise CheckpointError(f"{index}: weight_map names files that are not in {folder}: {', '.join(missing[:20])}")
+    return [folder / f for f in sorted(files)]
+
+
+def _safetensors_sources(files: list[Path]) -> dict[str, _Source]:
+    """Lazy tensors of safetensors files, each file opened once (header and data from one open file)."""
+    sources: dict[str, _Source] = {}
+    for file in files:
+        with open_file(file) as fh:
+            try:
+                header = read_header(fh, file)
+                getters = map_tensors(fh, header, file)
+            except OSError as exc:
+                raise CheckpointError(f"cannot read {file}: {exc.strerror or exc}") from None
+        for name, entry in header.entries.items():
+            if name in sources:
+                raise CheckpointError(f"{file}: tensor {name} is also in another shard")
+            sources[name] = _Source(entry.shape, entry.torch_dtype, getters[name])
+    return sources
+
+
 def _hf_sources(folder: Path) -> tuple[dict[str, _Source], str]:
     """Lazy tensors of the folder's weights by their Hugging Face names, and a description."""
-    from safetensors import safe_open
-
     single = folder / "model.safetensors"
     index = folder / "model.safetensors.index.json"
     binary = folder / "pytorch_model.bin"
-    sources: dict[str, _Source] = {}
-    if single.is_file() or index.is_file():
-        if single.is_file():
-            files = [single]
-        else:
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (OSError, ValueError, KeyError) as exc:
-                raise CheckpointError(f"{index}: not a safetensors index ({exc})") from None
-            files = [folder / f for f in sorted(set(weight_map.values()))]
-        for file in files:
-            try:
-                handle = safe_open(str(file), framework="pt")
-            except Exception as exc:
-                raise CheckpointError(f"{file} is not a readable safetensors file: {exc}") from None
-            for name in handle.keys():
-                sl = handle.get_slice(name)
-                dtype = _safetensors_dtype(sl.get_dtype())
-                sources[name] = _Source(tuple(sl.get_shape()), dtype, lambda h=handle, n=name: h.get_tensor(n))
-        return sources, str(single if single.is_file() else index)
+    if single.is_file():
+        return _safetensors_sources([single]), str(single)
+    if index.is_file():
+        return _safetensors_sources(_shard_names(index, folder)), str(index)
     if binary.is_file():
         obj = _torch_load(binary)
         if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
             raise CheckpointError(f"{binary} does not hold a state dict")
         return {k: _Source(tuple(v.shape), v.dtype, lambda v=v: v) for k, v in obj.items()}, str(binary)
     raise CheckpointError(f"{folder}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
-
-
-def _safetensors_dtype(code: str) -> torch.dtype | None:
-    from .checkpoint import _ST_DTYPES
-
-    return _ST_DTYPES.get(code)
 
 
 def _derive(source: _Source, shape: tuple[int, ...], fn: Callable[[Tensor], Tensor]) -> _Source:
@@ -263,6 +342,8 @@ def _apply(how: str, src: Any, j: int, name: str) -> Any:
     shape = tuple(src.shape)
     if how == "copy":
         return src
+    if not shape:
+        raise CheckpointError(f"{name}: expected a tensor with dimensions, got a scalar")
     if how == "transpose":
         if len(shape) != 2:
             raise CheckpointError(f"{name}: expected a 2-d Conv1D weight, got shape {shape}")
@@ -303,13 +384,9 @@ def load_hf_gpt2(folder: str | os.PathLike[str], *,
         resolved = load_spec(spec)
     else:
         cfg_path = root / "config.json"
-        try:
-            config = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise CheckpointError(f"cannot read {cfg_path}: {exc.strerror or exc} (or pass spec=)") from None
-        except ValueError as exc:
-            raise CheckpointError(f"{cfg_path} is not valid JSON: {exc}") from None
-        resolved = spec_from_hf_config(config, name=root.resolve().name or "gpt2")
+        if not cfg_path.exists():
+            raise CheckpointError(f"cannot read {cfg_path}: no such file (or pass spec=)")
+        resolved = spec_from_hf_config(_read_json(cfg_path), name=root.resolve().name or "gpt2", source=str(cfg_path))
     sources, where = _hf_sources(root)
     mapped, unknown = map_hf_to_modelkit(sources, tie_embeddings=resolved.tie_embeddings)
     if unknown:
@@ -318,9 +395,11 @@ def load_hf_gpt2(folder: str | os.PathLike[str], *,
     if dtype is not None and not dtype.is_floating_point:
         raise CheckpointError(f"dtype must be a floating point dtype, got {dtype}")
     target = _resolve_device(device)
+    described = f"{where} (names mapped to modelkit's)"
+    check_spec_fits_tensors(resolved, {k: (s.shape, s.dtype) for k, s in mapped.items()}, described)
     float_dtypes = {s.dtype for s in mapped.values() if s.dtype is not None and s.dtype.is_floating_point}
     model = build_empty(resolved, dtype=dtype or (float_dtypes.pop() if len(float_dtypes) == 1 else None))
-    _load_sources(model, mapped, f"{where} (names mapped to modelkit's)", dtype=dtype, device=target)
+    _load_sources(model, mapped, described, dtype=dtype, device=target, checked=True)
     if target is not None:
         model.to(target)
     return model.eval()
