@@ -30,9 +30,9 @@ from torch import Tensor, nn
 
 from ..errors import CheckpointError, PluginError, RegistryError, SpecError, SpecIssue
 from ..registry import KINDS
-from ..spec import SLOT_DEFAULTS, ComponentSpec, ModelSpec, describe_json, load_spec, parse_json, validate_spec
+from ..spec import SLOT_DEFAULTS, ComponentSpec, ModelSpec, load_spec, parse_json, validate_spec
 from .safetensors_file import (
-    ST_DTYPES, Header, loads_json, map_tensors, open_file, pydantic_lines, read_header, read_header_of,
+    ST_DTYPES, Header, describe_json, loads_json, map_tensors, open_file, pydantic_lines, read_header, read_header_of,
 )
 
 if TYPE_CHECKING:
@@ -299,10 +299,16 @@ def _fit_problems(spec: ModelSpec, sources: Mapping[str, tuple[tuple[int, ...], 
             + _listing("wrong dtype", wrong_dtype))
 
 
+def _size(n: int) -> str:
+    """A size for a message: as is, or its first digits and length when absurdly long."""
+    text = str(n)
+    return text if len(text) <= 20 else f"{text[:6]}...({len(text)} digits)"
+
+
 def _spec_summary(spec: ModelSpec) -> str:
-    return (f"'{spec.name}' (vocab {spec.vocab_size}, context {spec.context_length}, emb {spec.emb_dim}, "
-            f"heads {spec.n_heads}, layers {spec.n_layers}, qkv_bias {spec.qkv_bias}, "
-            f"tie_embeddings {spec.tie_embeddings})")
+    return (f"'{spec.name}' (vocab {_size(spec.vocab_size)}, context {_size(spec.context_length)}, "
+            f"emb {_size(spec.emb_dim)}, heads {_size(spec.n_heads)}, layers {_size(spec.n_layers)}, "
+            f"qkv_bias {spec.qkv_bias}, tie_embeddings {spec.tie_embeddings})")
 
 
 def _load_sources(model: GPTModel, sources: Mapping[str, _Source], source: str, *,
@@ -453,11 +459,12 @@ def check_spec_fits_tensors(spec: ModelSpec, sources: Mapping[str, tuple[tuple[i
     if spec.n_layers > 2 * stored + 8:  # building the twin costs time in proportion to the file, at most
         held = f"trf_blocks.0 .. {stored - 1}" if blocks else "no trf_blocks tensors"
         raise CheckpointError(f"{source} does not fit the spec {_spec_summary(spec)}: it holds {len(blocks)} "
-                              f"blocks ({held}), the spec has n_layers {spec.n_layers}")
+                              f"blocks ({held}), the spec has n_layers {_size(spec.n_layers)}")
     try:
         problems = _fit_problems(spec, sources)
-    except (RuntimeError, ValueError, OverflowError) as exc:  # torch refuses sizes it cannot even describe
-        raise CheckpointError(f"{source}: the spec {_spec_summary(spec)} cannot be built: {exc}") from None
+    except (RuntimeError, ValueError, TypeError, OverflowError) as exc:  # sizes torch cannot even describe
+        raise CheckpointError(f"{source}: the spec {_spec_summary(spec)} cannot be built: "
+                              f"{str(exc).splitlines()[0][:200]}") from None
     if problems:
         raise CheckpointError("\n".join([f"{source} does not fit the spec {_spec_summary(spec)}:", *problems]))
 

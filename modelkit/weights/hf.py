@@ -35,9 +35,9 @@ from torch import Tensor
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .checkpoint import _Source, _load_sources, _resolve_device, _torch_load, build_empty, check_spec_fits_tensors
-from .safetensors_file import loads_json, map_tensors, open_file, pydantic_lines, read_header
+from .safetensors_file import describe_json, loads_json, map_tensors, open_file, pydantic_lines, read_header
 from ..errors import CheckpointError, SpecError
-from ..spec import ModelSpec, describe_json, load_spec, validate_spec
+from ..spec import ModelSpec, load_spec, validate_spec
 
 if TYPE_CHECKING:
     from ..model import GPTModel

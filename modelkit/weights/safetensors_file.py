@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor
 
 from ..errors import CheckpointError
-from ..spec import describe_json, expected_json_type
+from ..spec import expected_json_type
 
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
 MAX_DIMS = 32
@@ -76,6 +76,15 @@ class Header:
     data_offset: int
     data_size: int
     file_size: int
+
+
+def describe_json(value: Any) -> str:
+    """A parsed JSON value as JSON spells it (``true``, ``"8"``, ``{"a": 1}``); at most 60 characters."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def pydantic_lines(exc: ValidationError, prefix: str) -> list[str]:
