@@ -25,7 +25,7 @@ from modelkit.weights.checkpoint import load_checkpoint, read_checkpoint, save_c
 from modelkit.weights.hf import export_hf_gpt2, load_hf_gpt2
 
 SECONDS = 5.0  # each case, through each surface
-SPEC: dict[str, Any] = {"name": "corpus", "vocab_size": 50257, "context_length": 8, "emb_dim": 8, "n_heads": 2,
+SPEC: dict[str, Any] = {"name": "corpus", "vocab_size": 50257, "context_length": 8, "emb_dim": 2, "n_heads": 1,
                         "n_layers": 2, "drop_rate": 0.0, "qkv_bias": True, "tie_embeddings": True}
 DROP = object()  # "remove this key"
 DEEP = "[" * 100_000 + "]" * 100_000  # deeper than Python's JSON parser can go
