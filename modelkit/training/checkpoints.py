@@ -54,7 +54,7 @@ def find_checkpoint(path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     if _TEMP_FOLDER.match(path.name):
         raise TrainError(f"'{path}' is the temporary folder of an interrupted checkpoint save, not a checkpoint; "
-                         f"resume from the run folder {run_folder(path / STATE_JSON)}")
+                         f"resume from the run folder {run_folder(path)}")
     if (path / STATE_JSON).is_file():
         return path
     steps = [(int(m.group(1)), p) for p in (path / "checkpoints").glob("step_*")
@@ -92,8 +92,8 @@ def check_checkpoint_folder(folder: Path) -> dict[str, Any]:
     if not folder.is_dir():
         raise TrainError(f"cannot resume from {folder}: there is no such folder")
     state, problems = _read_state_json(folder / STATE_JSON)
-    if not problems:
-        problems = [f"{STATE_JSON}: {p}" for p in _state_problems(state)]
+    if not problems and (wrong := _state_problems(state)):
+        problems = [f"{STATE_JSON}: " + "; ".join(wrong)]
     if not problems:
         problems = _tensor_file_problems(folder, state)
     if problems:
