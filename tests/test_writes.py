@@ -131,6 +131,16 @@ def metrics_resume_case(src: Path, dst: Path, capsys: pytest.CaptureFixture[str]
     return target, _raises(TrainError, MetricsWriter, dst, 2, True)
 
 
+def plot_case(src: Path, dst: Path, capsys: pytest.CaptureFixture[str]) -> tuple[Path, Write]:
+    pytest.importorskip("matplotlib", reason="plots need matplotlib")
+    from modelkit.training.plots import PlotError, plot_training
+
+    metrics = [{"step": s, "tokens": 32 * s, "train_loss": 4.0 - 0.1 * s, "val_loss": 4.0} for s in range(4)]
+    target = dst / "loss.png"
+    plot_training(metrics, target)
+    return target, _raises(PlotError, plot_training, metrics[:2], target)
+
+
 CASES = {
     "save_checkpoint": save_checkpoint_case,
     "import-hf": import_hf_case,
@@ -227,7 +237,10 @@ def fill(disk: Path) -> None:
         os.close(fd)
 
 
-@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+FULL_DISK_CASES = CASES | {"loss.png": plot_case}  # matplotlib writes through its own file objects
+
+
+@pytest.mark.parametrize("case", FULL_DISK_CASES.values(), ids=FULL_DISK_CASES.keys())
 def test_a_full_disk_changes_nothing(case, small_disk: Path, capsys, tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
