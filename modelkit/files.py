@@ -29,8 +29,8 @@ from .errors import ModelkitError
 if TYPE_CHECKING:
     from torch import Tensor
 
-__all__ = ["FileWriteError", "append_line", "atomic_file", "atomic_folder", "fsync_dir", "os_reason", "temp_name", "write_bytes",
-           "write_safetensors", "write_text"]
+__all__ = ["FileWriteError", "append_line", "atomic_file", "atomic_folder", "fsync_dir", "fsync_file", "os_reason",
+           "temp_name", "write_bytes", "write_safetensors", "write_text"]
 
 _OS_ERROR = re.compile(r"\(os error (\d+)\)")
 
@@ -100,6 +100,8 @@ def _failure_as(error: ErrorFactory, what: str, path: Path) -> Iterator[None]:
         yield
     except Exception as exc:
         reason = os_reason(exc)
+        if reason is None and type(exc).__name__ == "SafetensorError":  # safetensors refused the tensors
+            reason = str(exc)
         if reason is None:
             raise
         raise error(f"cannot write {what} {path}: {reason}") from None

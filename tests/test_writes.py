@@ -311,3 +311,19 @@ def test_metrics_writer_on_resume_drops_a_torn_line_and_appends_whole_lines(tmp_
     writer = MetricsWriter(tmp_path, 2, True)
     writer.write({"step": 3, "train_loss": 1.5})
     assert path.read_text() == '{"step": 0}\n{"step": 1}\n{"step": 2}\n{"step": 3, "train_loss": 1.5}\n'
+
+
+def test_the_helpers_default_error_is_a_modelkit_error_and_an_os_error(tmp_path: Path) -> None:
+    target = tmp_path / "missing" / "x.txt"
+    with pytest.raises(files.FileWriteError) as info:
+        files.write_text(target, "text")
+    assert isinstance(info.value, ModelkitError) and isinstance(info.value, OSError)
+    assert str(info.value) == f"cannot write file {target}: {os.strerror(errno.ENOENT)}"
+    assert sorted(tmp_path.iterdir()) == []
+
+
+def test_export_hf_into_the_working_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    export_hf_gpt2(small_model(0), ".")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    assert Path.cwd() == tmp_path

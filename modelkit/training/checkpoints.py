@@ -27,7 +27,8 @@ if TYPE_CHECKING:
     from ..model import GPTModel
 
 __all__ = [
-    "MODEL_FILE", "STATE_FORMAT", "STATE_JSON", "STATE_TENSORS", "STATE_VERSION", "Checkpointer", "find_checkpoint",
+    "MODEL_FILE", "STATE_FORMAT", "STATE_JSON", "STATE_TENSORS", "STATE_VERSION", "Checkpointer",
+    "check_checkpoint_folder", "find_checkpoint",
     "read_train_state", "recorded_data_path", "restore_tensors", "rng_tensors", "run_folder",
     "save_training_checkpoint",
 ]

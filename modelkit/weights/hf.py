@@ -376,9 +376,9 @@ def export_hf_gpt2(model: GPTModel, out_dir: str | os.PathLike[str]) -> Path:
     an activation GPT-2 configs cannot name, plugin components. ``qkv_bias`` false is exported as
     zero biases (the same function).
 
-    Written atomically: a new (or empty) folder is built beside ``out_dir`` and renamed into place; in
-    a folder that holds other files, both files are first written beside their targets and then renamed
-    over them. A failure (a full disk included) raises :class:`CheckpointError` with the path and the
+    Written atomically: a new folder is built beside ``out_dir`` and renamed into place; into an
+    existing folder (other files in it are kept), both files are first written beside their targets
+    and then renamed over them. A failure (a full disk included) raises :class:`CheckpointError` with the path and the
     OS reason and leaves ``out_dir`` as it was, without temporary files.
     """
     from safetensors.torch import save_file
@@ -391,7 +391,7 @@ def export_hf_gpt2(model: GPTModel, out_dir: str | os.PathLike[str]) -> Path:
         "config.json": lambda p: write_bytes(p, (json.dumps(config, indent=2) + "\n").encode("utf-8")),
     }
     out = Path(out_dir)
-    if out.is_dir() and any(out.iterdir()):
+    if out.exists():  # the folder stays (it may be the working folder, or hold other files): swap its files
         _replace_files_in(out, files)
     else:
         with atomic_folder(out, what="Hugging Face folder", error=CheckpointError) as tmp:
