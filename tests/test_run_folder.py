@@ -212,3 +212,23 @@ def test_the_latest_checkpoint_is_by_step_number(run: Path) -> None:
     from modelkit.training import find_checkpoint
 
     assert find_checkpoint(run) == run / "checkpoints" / "step_10000000"  # not step_000002 (sorted as text)
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_with_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    from safetensors import SafetensorError
+
+    def full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\x08\x00")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    (tmp_path / "tiny.json").write_text(json.dumps(tiny_model_spec(name="tiny")))
+    (tmp_path / "text.txt").write_text(synthetic_text(60), encoding="utf-8")
+    monkeypatch.setattr("safetensors.torch.save_file", full)
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(tmp_path / "tiny.json"), "--data", str(tmp_path / "text.txt"), "--out",
+                 str(run), "--batch-size", "2", "--eval-every", "100", "--steps", "2", "--save-every", "1",
+                 "--quiet"]) == 2
+    assert capsys.readouterr().err == (f"modelkit train: error: cannot write training checkpoint "
+                                       f"{run / STEP1}: No space left on device\n")
+    assert sorted(p.name for p in run.rglob("*")) == ["checkpoints", "metrics.jsonl"]  # no temporary folder
+    assert [m["step"] for m in read_metrics(run)] == [0, 1]
