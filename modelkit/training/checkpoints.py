@@ -122,7 +122,7 @@ def _read_state_json(path: Path) -> tuple[dict[str, Any], list[str]]:
     return state, []
 
 
-# field -> (JSON type name, test, required)
+# what a train_state.json field must be: (its description in errors, its test)
 _COUNT = ("an integer >= 0", lambda v: type(v) is int and v >= 0)
 _POSITIVE = ("an integer >= 1", lambda v: type(v) is int and v >= 1)
 _TEXT = ("a string", lambda v: isinstance(v, str))
