@@ -7,6 +7,7 @@ import json
 import sys
 from typing import Any
 
+from ..files import write_text
 from ..spec import spec_json_schema
 
 
@@ -23,8 +24,7 @@ def run(args: argparse.Namespace) -> int:
     schema, failures = spec_json_schema()
     text = json.dumps(schema, indent=2) + "\n"
     if args.output:
-        with open(args.output, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        write_text(args.output, text, what="schema")
         print(f"wrote {args.output}", file=sys.stderr)
     else:
         print(text, end="")

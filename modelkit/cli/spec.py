@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..files import write_text
 from ..spec import load_spec
 
 
@@ -20,8 +21,7 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     text = load_spec(args.config).to_json() + "\n"
     if args.output:
-        with open(args.output, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        write_text(args.output, text, what="spec")
     else:
         print(text, end="")
     return 0

@@ -11,6 +11,9 @@ from typing import Any
 
 import torch
 
+from ..files import append_line, write_text
+from .config import TrainError
+
 __all__ = ["METRICS_FILE", "MetricsWriter", "ProgressBar", "Throughput", "read_metrics", "step_line"]
 
 METRICS_FILE = "metrics.jsonl"
@@ -21,6 +24,9 @@ class MetricsWriter:
 
     On resume (``resume_step``) it keeps the lines up to that step from ``out/metrics.jsonl``, or from
     ``history`` (the checkpoint's run's file) when ``out`` has none, so the file covers the whole run.
+    The kept lines replace the file atomically; each new line is then appended in one ``write``
+    (:func:`~modelkit.files.append_line`), and a failed append leaves the file as it was and raises
+    :class:`TrainError` with the path and the OS reason.
     """
 
     def __init__(self, out: Path | None, resume_step: int | None, enabled: bool, history: Path | None = None) -> None:
@@ -32,14 +38,8 @@ class MetricsWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         source = self.path if self.path.exists() or history is None else history
         if resume_step is not None and source.exists():  # keep the history up to the checkpoint
-            for raw in source.read_text(encoding="utf-8").splitlines():
-                try:
-                    entry = json.loads(raw)
-                except json.JSONDecodeError:
-                    continue
-                if entry.get("step", 0) <= resume_step:
-                    self.previous.append(entry)
-        self.path.write_text("".join(json.dumps(e) + "\n" for e in self.previous), encoding="utf-8")
+            self.previous = [e for e in read_metrics(source) if e.get("step", 0) <= resume_step]
+        write_text(self.path, "".join(json.dumps(e) + "\n" for e in self.previous), what="metrics", error=TrainError)
 
     def last_eval(self) -> dict[str, float]:
         """The losses of the latest evaluation among the kept lines (empty if none)."""
@@ -56,16 +56,43 @@ class MetricsWriter:
         """Record ``entry`` (and append it to the file, on rank 0 with an output folder)."""
         self.lines.append(entry)
         if self.path is not None:
-            with self.path.open("a", encoding="utf-8") as fh:
-                fh.write(json.dumps(entry) + "\n")
+            append_line(self.path, json.dumps(entry) + "\n", what="metrics", error=TrainError)
 
 
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The metric lines of a run (``metrics.jsonl`` or the run folder holding it)."""
+    """The metric lines of a run (``metrics.jsonl`` or the run folder holding it).
+
+    Every line is written whole with its newline in one ``write``, so text after the last newline is
+    a line cut short (a run killed while writing it, a power loss) and is skipped; any other line
+    that is not a JSON object raises :class:`TrainError` naming the file and the line, as does a file
+    that cannot be read."""
     path = Path(path)
     if path.is_dir():
         path = path / METRICS_FILE
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise TrainError(f"cannot read metrics {path}: {reason}") from None
+    *complete, _torn = text.split("\n")  # after the last newline: "" or a line cut short, skipped
+    entries = []
+    for number, line in enumerate(complete, 1):
+        if not line.strip():
+            continue
+        entry = _metrics_entry(line)
+        if entry is None:
+            raise TrainError(f"{path}: line {number} is not a metrics line (a JSON object): {line[:60]!r}")
+        entries.append(entry)
+    return entries
+
+
+def _metrics_entry(line: str) -> dict[str, Any] | None:
+    """``line`` parsed, or None if it is not a JSON object."""
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        return None
+    return entry if isinstance(entry, dict) else None
 
 
 def step_line(step: int, batches_per_epoch: int, tokens: int, loss: float, lr: float, step_tokens: int,

@@ -82,12 +82,21 @@ def loss_curves_figure(runs: Mapping[str, Sequence[Mapping[str, Any]]], title: s
 
 
 def _save(plt: Any, fig: Any, path: str | os.PathLike[str]) -> Path:
-    """Lay out ``fig``, write it as a PNG at ``path`` (creating folders), close it; return the path."""
+    """Lay out ``fig``, write it at ``path`` (creating folders; the format from its suffix, PNG without
+    one) atomically (:func:`~modelkit.files.atomic_file`: a failure raises :class:`PlotError` with the
+    path and the OS reason and leaves ``path`` as it was), close it; return the path."""
+    from ..files import atomic_file
+
     fig.tight_layout()
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(out, what="plot", error=PlotError) as tmp:
+            fig.savefig(tmp, dpi=120, format=out.suffix.lstrip(".").lower() or "png")
+    except OSError as exc:
+        raise PlotError(f"cannot write plot {out}: {exc.strerror or exc}") from None
+    finally:
+        plt.close(fig)
     return out
 
 

@@ -543,24 +543,13 @@ def checkpoint_metadata(model: GPTModel, metadata: Mapping[str, str] | None = No
     }
 
 
-def _atomic_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def checkpoint_tensors(model: GPTModel) -> dict[str, Tensor]:
+    """The tensors :func:`save_checkpoint` writes for ``model``: every parameter and persistent buffer
+    once (tied weights once), on the CPU, contiguous, no two sharing storage.
 
-
-def save_checkpoint(model: GPTModel, path: str | os.PathLike[str], *,
-                    metadata: dict[str, str] | None = None) -> None:
-    """Write ``model`` to ``path`` as a modelkit checkpoint (safetensors).
-
-    The file holds every parameter and persistent buffer once (tied weights once), plus the
-    metadata of :func:`checkpoint_metadata`. It is written to a temporary file in the same folder
-    and renamed over ``path``, so ``path`` is either the old file or the complete new one.
-    """
-    from safetensors.torch import save_file
-
+    Raises :class:`CheckpointError` if ``model`` is not a modelkit model or a tensor has no data."""
     if not hasattr(model, "spec") or not isinstance(model.spec, ModelSpec):
         raise CheckpointError(f"save_checkpoint needs a modelkit GPTModel (with a .spec), got {type(model).__name__}")
-    path = Path(path)
-    md = checkpoint_metadata(model, metadata)
     aliases = tied_names(model)
     tensors: dict[str, Tensor] = {}
     storages: set[tuple[int, int]] = set()
@@ -575,16 +564,24 @@ def save_checkpoint(model: GPTModel, path: str | os.PathLike[str], *,
             t = t.clone()
         storages.add((t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()))
         tensors[name] = t
-    tmp = _atomic_path(path)
-    try:
-        save_file(tensors, str(tmp), metadata=md)
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"cannot write checkpoint {path}: {exc.strerror or exc}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    return tensors
+
+
+def save_checkpoint(model: GPTModel, path: str | os.PathLike[str], *,
+                    metadata: dict[str, str] | None = None) -> None:
+    """Write ``model`` to ``path`` as a modelkit checkpoint (safetensors).
+
+    The file holds :func:`checkpoint_tensors` (every parameter and persistent buffer once, tied
+    weights once) and the metadata of :func:`checkpoint_metadata`. It is written to a temporary file
+    in the same folder, synced and renamed over ``path``, so ``path`` is either the old file or the
+    complete new one; a failure to write (a full disk included) raises :class:`CheckpointError` with
+    the path and the OS reason and leaves no temporary file.
+    """
+    from ..files import write_safetensors
+
+    tensors = checkpoint_tensors(model)
+    md = checkpoint_metadata(model, metadata)
+    write_safetensors(tensors, Path(path), metadata=md, what="checkpoint", error=CheckpointError)
 
 
 # -- loading -----------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ The causal-mask buffers of old checkpoints (``h.N.attn.bias``, ``h.N.attn.masked
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -37,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .checkpoint import _Source, _load_sources, _resolve_device, _torch_load, build_empty, check_spec_fits_tensors
 from .safetensors_file import describe_json, loads_json, map_tensors, open_file, pydantic_lines, read_header
 from ..errors import CheckpointError, SpecError
+from ..files import atomic_file, atomic_folder, write_bytes
 from ..spec import ModelSpec, load_spec, validate_spec
 
 if TYPE_CHECKING:
@@ -436,6 +438,14 @@ def modelkit_to_hf_state_dict(model: GPTModel) -> dict[str, Tensor]:
     return {k: v.cpu().contiguous() for k, v in out.items()}
 
 
+def _replace_files_in(folder: Path, files: Mapping[str, Callable[[Path], None]]) -> None:
+    """Write every file of ``files`` into ``folder`` beside its target, then rename them all into place
+    (the renames come after every write has succeeded, so a failed write changes nothing)."""
+    with contextlib.ExitStack() as stack:
+        for name, write in files.items():
+            write(stack.enter_context(atomic_file(folder / name, what="Hugging Face file", error=CheckpointError)))
+
+
 def export_hf_gpt2(model: GPTModel, out_dir: str | os.PathLike[str]) -> Path:
     """Write ``model`` as a Hugging Face GPT-2 folder (``model.safetensors`` + ``config.json``) that
     ``transformers.GPT2LMHeadModel.from_pretrained(out_dir)`` opens. Returns the folder.
@@ -444,23 +454,26 @@ def export_hf_gpt2(model: GPTModel, out_dir: str | os.PathLike[str]) -> Path:
     equivalent: positions other than learned, post-norm or parallel blocks, norms without a shift,
     an activation GPT-2 configs cannot name, plugin components. ``qkv_bias`` false is exported as
     zero biases (the same function).
+
+    Written atomically: a new folder is built beside ``out_dir`` and renamed into place; into an
+    existing folder (other files in it are kept), both files are first written beside their targets
+    and then renamed over them. A failure (a full disk included) raises :class:`CheckpointError` with the path and the
+    OS reason and leaves ``out_dir`` as it was, without temporary files.
     """
     from safetensors.torch import save_file
 
     dtype = model.tok_emb.weight.dtype
     config = hf_config_from_spec(model.spec, dtype)
     tensors = modelkit_to_hf_state_dict(model)
+    files: dict[str, Callable[[Path], None]] = {
+        "model.safetensors": lambda p: save_file(tensors, str(p), metadata={"format": "pt"}),
+        "config.json": lambda p: write_bytes(p, (json.dumps(config, indent=2) + "\n").encode("utf-8")),
+    }
     out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        for name, write in (("model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"})),
-                            ("config.json", lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))):
-            tmp = out / f".{name}.tmp-{os.getpid()}"
-            try:
-                write(tmp)
-                os.replace(tmp, out / name)
-            finally:
-                tmp.unlink(missing_ok=True)
-    except OSError as exc:
-        raise CheckpointError(f"cannot write {out}: {exc.strerror or exc}") from None
+    if out.exists():  # the folder stays (it may be the working folder, or hold other files): swap its files
+        _replace_files_in(out, files)
+    else:
+        with atomic_folder(out, what="Hugging Face folder", error=CheckpointError) as tmp:
+            for name, write in files.items():
+                write(tmp / name)
     return out
