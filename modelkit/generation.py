@@ -93,11 +93,11 @@ def _next_token(logits: Tensor, temperature: float, top_k: int | None, top_p: fl
     """
     if temperature == 0.0:
         return torch.argmax(logits, dim=-1, keepdim=True)
-    if not bool(torch.isfinite(logits).all()):
-        raise GenerationError(_non_finite_message(logits, step) + "; cannot sample from them")
     probs = torch.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
-    if not bool(torch.isfinite(probs).all()):  # finite logits that temperature scaling made overflow
-        raise GenerationError(
+    if not bool(torch.isfinite(probs).all()):  # one check per step; then find out why
+        if not bool(torch.isfinite(logits).all()):
+            raise GenerationError(_non_finite_message(logits, step) + "; cannot sample from them")
+        raise GenerationError(  # finite logits that the temperature scaling made overflow
             f"temperature {temperature:g} is too small for the model's logits at new token {step} "
             f"(largest |logit| {float(logits.abs().max()):g}): dividing by it overflows; "
             "use a larger temperature, or 0 for greedy decoding"
@@ -175,7 +175,8 @@ def check_sampling_args(temperature: float, top_k: int | None, top_p: float | No
     ``temperature`` must be 0 (greedy) or a finite number >= :data:`MIN_TEMPERATURE` (1e-6): below
     it, logits divided by the temperature overflow for ordinary logits, so such a temperature is
     refused rather than silently turned into greedy decoding. ``top_k`` must be None or an integer
-    >= 1, ``top_p`` None or a number in ``(0, 1]``. :func:`generate` calls this; a CLI can call it before building a model.
+    >= 1, ``top_p`` None or a number in ``(0, 1]``. :func:`generate` calls this; a CLI can call it
+    before building a model.
     """
     temperature = _check_float("temperature", temperature)
     if temperature < 0:

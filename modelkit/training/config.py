@@ -57,7 +57,8 @@ class TrainConfig(BaseModel):
     Ranges: counts (``steps`` ... ``save_every``) are integers in ``[1, 2**63 - 1]`` and
     ``warmup_steps`` in ``[0, 2**63 - 1]``; ``seed`` is in ``[0, 2**64 - 1]`` (torch's seed range).
     Every float must be finite (no NaN or infinity): ``0 < lr <= 1e6`` (:data:`MAX_LR`),
-    ``0 <= min_lr <= lr``, ``0 <= weight_decay <= 1e6``, ``grad_clip > 0``, ``val_fraction`` and each of ``betas`` in ``[0, 1)``.
+    ``0 <= min_lr <= lr``, ``0 <= weight_decay <= 1e6``, ``grad_clip > 0``, ``val_fraction`` and each
+    of ``betas`` in ``[0, 1)``.
     A finite but too large ``lr`` is not refused here: the run stops at the first non-finite loss
     (:func:`~modelkit.training.train`).
     """
