@@ -287,11 +287,13 @@ def _decode(model: GPTModel, idx: Tensor, max_new_tokens: int, context_size: int
     warned = False
     for step in range(max_new_tokens):
         with torch.inference_mode():
-            if temperature == 0.0 and not warned and not bool(torch.isfinite(logits).all()):
+            token = _next_token(logits, temperature, top_k, top_p, generator, step + 1)
+            # argmax picks a NaN or +inf when there is one: checking the chosen logits (b values, not
+            # b x vocab) finds them cheaply; sampling has checked its own in _next_token
+            if temperature == 0.0 and not warned and not bool(torch.isfinite(logits.gather(-1, token)).all()):
                 warned = True
                 warnings.warn(_non_finite_message(logits, step + 1) + "; greedy decoding picks arbitrary "
                               "tokens from them", UserWarning, stacklevel=2)
-            token = _next_token(logits, temperature, top_k, top_p, generator, step + 1)
             if finished is not None:
                 token = token.masked_fill(finished, eos_id)
                 finished = finished | (token == eos_id)
