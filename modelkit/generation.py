@@ -44,7 +44,15 @@ from .runtime.decode import decoding_forward
 if TYPE_CHECKING:
     from .model import GPTModel
 
-__all__ = ["check_sampling_args", "filter_logits", "generate", "stream_generate"]
+__all__ = ["MAX_SEED", "MIN_TEMPERATURE", "check_sampling_args", "check_seed", "filter_logits", "generate",
+           "stream_generate"]
+
+#: The largest seed: torch seeds its generators with a 64-bit unsigned integer.
+MAX_SEED = 2**64 - 1
+#: The smallest temperature above 0 that sampling accepts. Smaller ones are refused: dividing
+#: float32 logits by them overflows (inf - inf = NaN) for ordinary logits, and 1e-6 already makes
+#: sampling the argmax wherever the two best logits differ by more than ~1e-4.
+MIN_TEMPERATURE = 1e-6
 
 
 def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None = None) -> Tensor:
@@ -76,13 +84,32 @@ def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None 
 
 
 def _next_token(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None,
-                generator: torch.Generator | None) -> Tensor:
-    """The next token ``(b, 1)`` from last-position logits ``(b, vocab)``."""
+                generator: torch.Generator | None, step: int) -> Tensor:
+    """The next token ``(b, 1)`` from last-position logits ``(b, vocab)``; ``step`` is its 1-based number.
+
+    Greedy decoding of logits with a NaN or an infinity warns (once per generation, by the caller's
+    check) and still takes the argmax; sampling refuses them with a :class:`GenerationError`, since no
+    distribution can be drawn from them.
+    """
     if temperature == 0.0:
         return torch.argmax(logits, dim=-1, keepdim=True)
-    logits = filter_logits(logits / temperature, top_k, top_p)
-    probs = torch.softmax(logits, dim=-1)
+    probs = torch.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
+    if not bool(torch.isfinite(probs).all()):  # one check per step; then find out why
+        if not bool(torch.isfinite(logits).all()):
+            raise GenerationError(_non_finite_message(logits, step) + "; cannot sample from them")
+        raise GenerationError(  # finite logits that the temperature scaling made overflow
+            f"temperature {temperature:g} is too small for the model's logits at new token {step} "
+            f"(largest |logit| {float(logits.abs().max()):g}): dividing by it overflows; "
+            "use a larger temperature, or 0 for greedy decoding"
+        )
     return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+def _non_finite_message(logits: Tensor, step: int) -> str:
+    """``the model's logits for new token N are not finite (...)``, with what was found."""
+    nan, inf = int(torch.isnan(logits).sum()), int(torch.isinf(logits).sum())
+    return (f"the model's logits for new token {step} are not finite ({nan} NaN, {inf} infinite of "
+            f"{logits.numel()}): its weights or activations hold NaN/inf (a diverged training run?)")
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
@@ -94,6 +121,18 @@ def _check_int(name: str, value: object, minimum: int) -> int:
         raise GenerationError(f"{name} must be an integer, got {type(value).__name__} {value!r}") from None
     if number < minimum:
         raise GenerationError(f"{name} must be >= {minimum}, got {number}")
+    return number
+
+
+def check_seed(seed: object, name: str = "seed") -> int:
+    """Return ``seed`` as an int if it is an integer in ``[0, 2**64 - 1]``, else raise :class:`GenerationError`.
+
+    The range is what ``torch.manual_seed`` and ``torch.Generator.manual_seed`` take (a 64-bit
+    unsigned seed); modelkit refuses negative seeds, which torch would silently wrap around.
+    """
+    number = _check_int(name, seed, 0)
+    if number > MAX_SEED:
+        raise GenerationError(f"{name} must be at most 2**64 - 1 = {MAX_SEED} (torch's seed range), got {number}")
     return number
 
 
@@ -133,12 +172,18 @@ def check_sampling_args(temperature: float, top_k: int | None, top_p: float | No
                         ) -> tuple[float, int | None, float | None]:
     """Return ``(temperature, top_k, top_p)`` normalised, or raise :class:`~modelkit.GenerationError`.
 
-    ``temperature`` must be a finite number >= 0, ``top_k`` None or an integer >= 1, ``top_p`` None or
-    a number in ``(0, 1]``. :func:`generate` calls this; a CLI can call it before building a model.
+    ``temperature`` must be 0 (greedy) or a finite number >= :data:`MIN_TEMPERATURE` (1e-6): below
+    it, logits divided by the temperature overflow for ordinary logits, so such a temperature is
+    refused rather than silently turned into greedy decoding. ``top_k`` must be None or an integer
+    >= 1, ``top_p`` None or a number in ``(0, 1]``. :func:`generate` calls this; a CLI can call it
+    before building a model.
     """
     temperature = _check_float("temperature", temperature)
     if temperature < 0:
         raise GenerationError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise GenerationError(f"temperature {temperature:g} is too small to sample with: use 0 for greedy "
+                              f"decoding, or at least {MIN_TEMPERATURE:g}")
     if top_k is not None:
         top_k = _check_int("top_k", top_k, 1)
     if top_p is not None:
@@ -199,7 +244,7 @@ def _start(model: GPTModel, idx: Tensor, max_new_tokens: int, context_size: int 
     if seed is not None and generator is not None:
         raise GenerationError("give either seed or generator, not both")
     if seed is not None:
-        seed = _check_int("seed", seed, 0)
+        seed = check_seed(seed)
         generator = torch.Generator(device=idx.device).manual_seed(seed)
     elif generator is not None and not isinstance(generator, torch.Generator):
         raise GenerationError(f"generator must be a torch.Generator, got {type(generator).__name__}")
@@ -239,9 +284,16 @@ def _decode(model: GPTModel, idx: Tensor, max_new_tokens: int, context_size: int
         # A prompt that fills the window leaves nothing for a cache to reuse: every later step shifts.
         cache = model.new_cache() if use_cache and length < context_size else None
         logits = forward(window, cache=cache, last_only=True)[:, -1, :]
+    warned = False
     for step in range(max_new_tokens):
         with torch.inference_mode():
-            token = _next_token(logits, temperature, top_k, top_p, generator)
+            token = _next_token(logits, temperature, top_k, top_p, generator, step + 1)
+            # argmax picks a NaN or +inf when there is one: checking the chosen logits (b values, not
+            # b x vocab) finds them cheaply; sampling has checked its own in _next_token
+            if temperature == 0.0 and not warned and not bool(torch.isfinite(logits.gather(-1, token)).all()):
+                warned = True
+                warnings.warn(_non_finite_message(logits, step + 1) + "; greedy decoding picks arbitrary "
+                              "tokens from them", UserWarning, stacklevel=2)
             if finished is not None:
                 token = token.masked_fill(finished, eos_id)
                 finished = finished | (token == eos_id)
@@ -304,7 +356,12 @@ def generate(
     The model's mode is left as it is: call ``model.eval()`` first (a model in training mode keeps
     dropout on; a warning says so). Raises :class:`~modelkit.GenerationError` for an empty prompt,
     ids outside ``[0, vocab_size)``, ``temperature < 0``, ``top_k < 1``, ``top_p`` outside ``(0, 1]``,
-    ``context_size`` outside ``[1, context_length]`` and other invalid arguments.
+    ``context_size`` outside ``[1, context_length]``, ``seed`` outside ``[0, 2**64 - 1]``, a temperature
+    between 0 and :data:`MIN_TEMPERATURE` and other invalid arguments.
+
+    Non-finite logits (a model whose weights hold NaN or inf): sampling raises
+    :class:`~modelkit.GenerationError` naming the new token whose logits they are; greedy decoding
+    warns (:class:`UserWarning`, once) and goes on with the argmax.
     """
     steps = _start(model, idx, max_new_tokens, context_size, temperature, top_k, top_p, eos_id, use_cache,
                    seed, generator)

@@ -158,6 +158,16 @@ class _PluginRef:
     entry_point: importlib.metadata.EntryPoint
 
 
+def import_failure(exc: BaseException) -> str:
+    """How a plugin module's failed import reads in a :class:`PluginError`: ``Type: message``.
+
+    A ``SystemExit`` (the module called ``sys.exit``) says so, since its message is only the exit code.
+    """
+    if isinstance(exc, SystemExit):
+        return f"SystemExit: the module called sys.exit({exc.code!r}) while being imported"
+    return f"{type(exc).__name__}: {exc}"
+
+
 def _dist_of(ep: importlib.metadata.EntryPoint) -> tuple[str | None, str | None]:
     """(distribution name, version) that declares ``ep``, or (None, None) if unknown."""
     dist = getattr(ep, "dist", None)
@@ -413,9 +423,11 @@ class Registry:
                               f"the name is already registered by {existing.origin}")
         try:
             obj = ref.entry_point.load()
-        except Exception as exc:
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # SystemExit too: importing a plugin must not end the process
             raise PluginError(self.kind, name, ref.value, ref.distribution, ref.version,
-                              f"{type(exc).__name__}: {exc}") from exc
+                              import_failure(exc)) from exc
         try:
             return self._add(name, obj, distribution=ref.distribution or "?", version=ref.version)
         except RegistryError as exc:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -433,3 +434,55 @@ def test_a_runtime_module_that_fails_to_import_warns_and_the_components_still_ru
     assert "tokens 7" in done.stdout and "registered False" in done.stdout
     assert "runtime plugin 'goodplug' (goodplug_runtime) failed to import" in done.stdout
     assert "nonexistent_dependency_xyz" in done.stdout
+
+
+# -- a plugin cannot end the process -----------------------------------------------------------------------
+
+EXITS = ("exitplug", "0.1", {"modelkit.norm": {"exitplug.norm": "exitplug_norm:Norm"}},
+         {"exitplug_norm": "import sys\nsys.exit(3)\n"})
+
+
+ABORTS = ("abortplug", "0.2", {"modelkit.norm": {"abortplug.norm": "abortplug_norm:Norm"}},
+          {"abortplug_norm": "class Abort(BaseException):  # neither an Exception nor a KeyboardInterrupt\n"
+                              "    pass\nraise Abort('gave up at import')\n"})
+
+
+@pytest.mark.parametrize(("plugin", "reason"), [
+    (EXITS, "SystemExit: the module called sys.exit(3) while being imported"),
+    (ABORTS, "Abort: gave up at import"),
+])
+def test_a_plugin_that_exits_or_raises_a_base_exception_at_import_is_a_broken_plugin(
+        site: Callable[..., Path], capsys: pytest.CaptureFixture[str], plugin: tuple, reason: str) -> None:
+    site(*GOOD)
+    site(*plugin)
+    name, version, eps = plugin[0], plugin[1], plugin[2]
+    (entry_name,) = eps["modelkit.norm"]
+    assert cli_main(["components", "norm"]) == 0  # the process goes on, and exits normally
+    out = capsys.readouterr().out
+    broken = out[out.index("broken plugins"):]
+    assert f"{name}=={version}" in broken and reason in broken
+    assert "goodplug.scalenorm" in out[:out.index("broken plugins")]
+    with pytest.raises(SpecError) as info:  # a spec names it: reported at its path, cause a PluginError
+        build_model({**TINY, "norm": entry_name})
+    assert [issue.path for issue in info.value.issues] == ["norm"]
+    assert f"{name}=={version}" in str(info.value) and reason in str(info.value)
+    with pytest.raises(PluginError, match=re.escape(reason)):
+        get_registry("norm").get(entry_name)
+
+
+def test_a_keyboard_interrupt_while_importing_a_plugin_still_interrupts(site: Callable[..., Path]) -> None:
+    site("ctrlcplug", "1.0", {"modelkit.norm": {"ctrlcplug.norm": "ctrlcplug_norm:Norm"}},
+         {"ctrlcplug_norm": "raise KeyboardInterrupt\n"})
+    with pytest.raises(KeyboardInterrupt):
+        get_registry("norm").get("ctrlcplug.norm")
+
+
+def test_a_runtime_module_that_calls_sys_exit_warns_and_the_components_still_run(tmp_path: Path) -> None:
+    name, version, eps, modules = GOOD
+    write_dist(tmp_path, name, version, {**eps, "modelkit.runtime": {"goodplug": "goodplug_runtime"}},
+               {**modules, "goodplug_runtime": "import sys\nsys.exit(3)\n"})
+    done = run_python(CHECK_RUNTIME, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "tokens 7" in done.stdout and "registered False" in done.stdout
+    assert "runtime plugin 'goodplug' (goodplug_runtime) failed to import" in done.stdout
+    assert "sys.exit(3)" in done.stdout

@@ -6,14 +6,16 @@ import argparse
 import os
 import sys
 import warnings
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, TextIO
 
 import torch
+from torch import Tensor
 
 from ..builder import build_model
 from ..devices import DEVICE_HELP, resolve_device
 from ..errors import CheckpointError, GenerationError
-from ..generation import check_sampling_args, stream_generate
+from ..generation import check_sampling_args, check_seed, stream_generate
 from ..model import GPTModel
 from ..runtime.onednn import onednn_linear_available
 from ..spec import load_spec
@@ -117,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 0:
         raise GenerationError(f"max_new_tokens must be >= 0, got {args.max_new_tokens}")
     check_sampling_args(args.temperature, args.top_k, args.top_p)  # before building anything
+    check_seed(args.seed)
     cpu_only = args.native or args.huge_pages  # options of the CPU: "auto" then means the CPU
     device = resolve_device("cpu" if args.device == "auto" and cpu_only else args.device)
     tokenizer = get_tokenizer()
@@ -142,7 +145,6 @@ def run(args: argparse.Namespace) -> int:
     out = sys.stdout
     out.write(args.prompt)
     out.flush()
-    decoder = IncrementalDecoder(tokenizer)
     torch.manual_seed(args.seed)
     with warnings.catch_warnings(record=True) as caught:  # e.g. the prompt is cropped: say it in one line
         warnings.simplefilter("always")
@@ -150,15 +152,39 @@ def run(args: argparse.Namespace) -> int:
                                 top_k=args.top_k, top_p=args.top_p, eos_id=eos_id, use_cache=not args.no_cache)
     for warning in caught:
         print(f"warning: {warning.message}", file=sys.stderr)
-    for token in steps:
-        token_id = int(token[0, 0])
-        if token_id == eos_id:
-            break
-        # ids past the tokenizer's (a padded vocabulary) have no text
-        text = decoder.feed(token_id) if token_id < tokenizer.n_vocab else "\ufffd"
-        if text:
-            out.write(text)
+    _stream_text(steps, tokenizer, eos_id, out)
+    return 0
+
+
+def _stream_text(steps: Iterator[Tensor], tokenizer: Any, eos_id: int | None, out: TextIO) -> None:
+    """Write each generated token's text to ``out`` as it comes (stopping at ``eos_id``), then a newline.
+
+    A warning raised while decoding (e.g. greedy decoding of non-finite logits) is printed as one
+    ``warning: ...`` line on stderr, as it happens; a :class:`GenerationError` (e.g. sampling from
+    non-finite logits) ends the text's line and propagates.
+    """
+    decoder = IncrementalDecoder(tokenizer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = _warning_line
+        try:
+            for token in steps:
+                token_id = int(token[0, 0])
+                if token_id == eos_id:
+                    break
+                # ids past the tokenizer's (a padded vocabulary) have no text
+                text = decoder.feed(token_id) if token_id < tokenizer.n_vocab else "\ufffd"
+                if text:
+                    out.write(text)
+                    out.flush()
+        except GenerationError:
+            out.write("\n")  # end the text's line; the error follows on stderr
             out.flush()
+            raise
     out.write(decoder.flush() + "\n")
     out.flush()
-    return 0
+
+
+def _warning_line(message: Warning | str, *_: Any, **__: Any) -> None:
+    """Print a warning as one ``warning: ...`` line on stderr (``warnings.showwarning``'s signature)."""
+    print(f"warning: {message}", file=sys.stderr)

@@ -71,8 +71,9 @@ def register_step(cls: type[nn.Module]) -> Callable[[F_], F_]:
 
 def load_runtime_extensions() -> None:
     """Import modelkit's runtime registrations and each plugin's (entry-point group
-    ``modelkit.runtime``), once. A plugin module that fails to import is skipped with a warning: its
-    components still run, as modules."""
+    ``modelkit.runtime``), once. A plugin module that fails to import (any exception, ``SystemExit``
+    included; only ``KeyboardInterrupt`` propagates) is skipped with a warning: its components still
+    run, as modules."""
     global _loaded
     if _loaded:
         return
@@ -81,9 +82,13 @@ def load_runtime_extensions() -> None:
     for ep in entry_points(group=RUNTIME_ENTRY_POINT_GROUP):
         try:
             ep.load()
-        except Exception as exc:  # a plugin's optional fast path must not break inference
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # SystemExit too: a plugin's optional fast path must not end the process
+            from ..registry import import_failure
+
             warnings.warn(f"modelkit runtime plugin '{ep.name}' ({ep.value}) failed to import, so its "
-                          f"components run without fast paths: {type(exc).__name__}: {exc}", RuntimeWarning,
+                          f"components run without fast paths: {import_failure(exc)}", RuntimeWarning,
                           stacklevel=2)
 
 

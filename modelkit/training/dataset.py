@@ -118,13 +118,14 @@ def fingerprint(ids: Tensor) -> str:
 def epoch_permutation(n: int, seed: int, epoch: int, shuffle: bool = True) -> Tensor:
     """The order of ``n`` windows in ``epoch``: a permutation depending only on ``(seed, epoch)``.
 
-    Uses its own ``torch.Generator`` (seeded ``seed + epoch``, as ``DistributedSampler``), so it
-    never touches the global random state.
+    Uses its own ``torch.Generator`` (seeded ``seed + epoch``, as ``DistributedSampler``, wrapped
+    modulo 2**64 so every seed torch takes works for every epoch), so it never touches the global
+    random state.
     """
     if not shuffle:
         return torch.arange(n)
     generator = torch.Generator()
-    generator.manual_seed(seed + epoch)
+    generator.manual_seed((seed + epoch) % 2**64)
     return torch.randperm(n, generator=generator)
 
 

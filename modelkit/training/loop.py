@@ -10,7 +10,9 @@ rate of :mod:`.schedule`, gradient clipping, evaluation (:mod:`.evaluation`), a 
 from __future__ import annotations
 
 import functools
+import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -23,7 +25,7 @@ import torch
 from .dataset import TokenSource, make_train_loader
 from ..spec import ModelSpec
 from .checkpoints import MODEL_FILE, Checkpointer, read_train_state, restore_tensors, run_folder
-from .config import TrainConfig
+from .config import MAX_COUNT, TrainConfig, TrainError
 from .distributed import DistContext, close_distributed, init_distributed, wrap_for_ddp
 from .evaluation import eval_window_count, evaluate_splits
 from .loss import calc_loss_batch
@@ -81,8 +83,12 @@ def train(spec: ModelSpec | Mapping[str, Any] | str | os.PathLike[str] | None, d
     ``pause_at`` stops after that global step (saving a checkpoint) without changing the schedule.
     ``data_path`` names the file ``data`` was read from; checkpoints record it (made absolute; on
     resume without it, the checkpoint's record is kept) and nothing here reads it.
-    Raises :class:`TrainError` / :class:`~modelkit.training.dataset.DataError` for unusable options or data.
+    Raises :class:`TrainError` / :class:`~modelkit.training.dataset.DataError` for unusable options or
+    data (``out_dir`` naming a file, or a path under one, included), and :class:`TrainError` when the
+    run diverges (see :func:`train_model_simple`).
     """
+    out = _check_out_dir(out_dir)
+    _check_pause_at(pause_at)
     saved = read_train_state(resume) if resume is not None else None
     if config is None:
         config = resume_config(resume, int(os.environ.get("WORLD_SIZE", "1"))) if resume is not None else TrainConfig()
@@ -95,7 +101,6 @@ def train(spec: ModelSpec | Mapping[str, Any] | str | os.PathLike[str] | None, d
         plan = plan_run(spec, data, val_data, config, saved, pause_at, data_path, ctx.world_size)
         _report_changes(plan.changes, ctx)
         model, optimizer = _set_up_model(plan, ctx, device)
-        out = Path(out_dir) if out_dir is not None else None
         return train_model_simple(model, optimizer, plan, ctx, device, out, progress)
     finally:
         close_distributed(ctx)
@@ -104,7 +109,13 @@ def train(spec: ModelSpec | Mapping[str, Any] | str | os.PathLike[str] | None, d
 def train_model_simple(model: GPTModel, optimizer: torch.optim.Optimizer, plan: RunPlan, ctx: DistContext,
                        device: torch.device, out: Path | None, progress: bool = True) -> TrainResult:
     """The book's loop over the planned steps, with the run's schedule, clipping, evaluation,
-    metrics and checkpoints; ends with the final weights saved and the result."""
+    metrics and checkpoints; ends with the final weights saved and the result.
+
+    Divergence: a step whose loss or gradient norm is not finite (NaN or inf) stops the run before
+    its update is applied, and weights that are not finite are never saved (checked before each
+    checkpoint and the final save). Either way :class:`TrainError` names the step, and ``out/
+    model.safetensors`` becomes the last checkpoint's weights, the last state known to be finite
+    (see :func:`_diverged`)."""
     config = plan.config
     train_model = wrap_for_ddp(model, ctx, device)
     writer = _metrics_writer(plan, out, ctx)
@@ -126,8 +137,13 @@ def train_model_simple(model: GPTModel, optimizer: torch.optim.Optimizer, plan: 
         loss = calc_loss_batch(inputs, targets, train_model, device)
         loss.backward()
         grad_norm = clip_gradients(model, config.grad_clip)
-        optimizer.step()
         loss_value = ctx.all_reduce(loss.detach().clone(), op="mean").item()
+        norm = grad_norm if grad_norm is not None else _grad_norm(model)
+        if not (math.isfinite(loss_value) and math.isfinite(norm)):  # before the update spreads it
+            bar.close()
+            raise _diverged(f"the loss is {loss_value:g} and the gradient norm {norm:g}; its update was not "
+                            "applied", step + 1, plan, checkpoints.last, out, ctx)
+        optimizer.step()
         dt = clock.lap(t0, plan.tokens_per_step, device)
         step, tokens = step + 1, tokens + plan.tokens_per_step
         line = step_line(step, plan.batches_per_epoch, tokens, loss_value, lr, plan.tokens_per_step, dt, grad_norm)
@@ -137,10 +153,12 @@ def train_model_simple(model: GPTModel, optimizer: torch.optim.Optimizer, plan: 
         writer.write(line)
         bar.step(loss_value, last_eval, clock.recent_tokens_per_s())
         if (config.save_every and step % config.save_every == 0) or step == plan.stop_step:
+            _check_weights(model, step, plan, checkpoints.last, out, ctx, bar)
             checkpoints.save(plan.train_state(step, tokens, clock.run_seconds))
     bar.close()
     if step == plan.start_step and plan.saved is None:  # no step taken (stop_step == 0): still leave a checkpoint
         checkpoints.save(plan.train_state(step, tokens, 0.0))
+    _check_weights(model, step, plan, checkpoints.last, out, ctx, bar)
     _save_final(model, writer, plan, out, step, tokens, ctx)
     return TrainResult(
         model=model, metrics=writer.lines, step=step, tokens=tokens, tokens_per_s=clock.tokens_per_s(),
@@ -151,6 +169,32 @@ def train_model_simple(model: GPTModel, optimizer: torch.optim.Optimizer, plan: 
 
 
 # -- the named steps ---------------------------------------------------------------------------------
+
+def _check_pause_at(pause_at: object) -> None:
+    """Raise :class:`TrainError` unless ``pause_at`` is None or an integer in ``[0, 2**63 - 1]``."""
+    if pause_at is None:
+        return
+    if isinstance(pause_at, bool) or not isinstance(pause_at, int):
+        raise TrainError(f"pause_at must be an integer step, got {type(pause_at).__name__} {pause_at!r}")
+    if not 0 <= pause_at <= MAX_COUNT:
+        raise TrainError(f"pause_at must be a step in [0, 2**63 - 1], got {pause_at}")
+
+
+def _check_out_dir(out_dir: str | os.PathLike[str] | None) -> Path | None:
+    """``out_dir`` as a Path, or a :class:`TrainError` if it cannot be a folder: it is a file, or the
+    nearest existing folder above it is a file. Creates nothing (rank 0 creates it when writing)."""
+    if out_dir is None:
+        return None
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"the output folder {out} is a file; give a folder (new or a run's) for the run")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise TrainError(f"the output folder {out} cannot be created: {parent} is a file, not a folder")
+            break
+    return out
+
 
 def _report_changes(changes: list[str], ctx: DistContext) -> None:
     """Print each setting a resume changes (stderr, rank 0)."""
@@ -199,3 +243,51 @@ def _save_final(model: GPTModel, writer: MetricsWriter, plan: RunPlan, out: Path
 
             plot_training(writer.lines_all(), out / "loss.png", title=plan.model_spec.name)
     ctx.barrier()
+
+
+# -- divergence ----------------------------------------------------------------------------------------
+
+def _grad_norm(model: torch.nn.Module) -> float:
+    """The global L2 norm of the parameters' gradients (0.0 if there are none); NaN/inf if any is."""
+    norms = [torch.linalg.vector_norm(p.grad) for p in model.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
+def _check_weights(model: GPTModel, step: int, plan: RunPlan, last: Path | None, out: Path | None,
+                   ctx: DistContext, bar: ProgressBar) -> None:
+    """Raise :func:`_diverged`'s error if any weight is not finite after ``step`` (before saving them)."""
+    named = list(model.named_parameters())
+    finite = torch.stack([torch.isfinite(p).all() for _, p in named]).tolist()  # one device sync
+    bad = [name for (name, _), ok in zip(named, finite) if not ok]
+    if bad:
+        bar.close()
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise _diverged(f"its update left non-finite weights ({bad[0]}{more}), which were not saved", step, plan,
+                        last, out, ctx)
+
+
+def _diverged(what: str, step: int, plan: RunPlan, last: Path | None, out: Path | None,
+              ctx: DistContext) -> TrainError:
+    """The error that stops a diverged run at ``step``, after keeping the last finite state.
+
+    The last finite state is the latest checkpoint (this call's, else the one resumed from): rank 0
+    copies its weights to ``out/model.safetensors`` (through a temporary file, so an existing file is
+    replaced whole or not at all). With no checkpoint yet, nothing is written and an existing
+    ``model.safetensors`` is left as it was. Every rank raises the same error (its values are all-reduced).
+    """
+    source = last if last is not None else (Path(plan.saved["folder"]) if plan.saved is not None else None)
+    if out is None:
+        kept = "nothing was written (no output folder)"
+    elif source is None:
+        kept = (f"no checkpoint had been written, so {out / MODEL_FILE} was not written "
+                "(keep one every N steps with save_every / --save-every)")
+    else:
+        if ctx.is_main:
+            tmp = out / (MODEL_FILE + ".tmp")
+            shutil.copyfile(source / MODEL_FILE, tmp)
+            os.replace(tmp, out / MODEL_FILE)
+        kept = (f"{out / MODEL_FILE} holds the last finite checkpoint's weights ({source}; resume from it "
+                "with a lower lr)")
+    ctx.barrier()
+    return TrainError(f"training diverged at step {step}: {what}; {kept}; "
+                      f"try a lower lr (it is {plan.config.lr:g}) or grad_clip")

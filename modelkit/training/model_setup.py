@@ -20,7 +20,7 @@ __all__ = ["build_training_model", "choose_linear_kernel", "make_optimizer"]
 def build_training_model(plan: RunPlan, ctx: DistContext, device: torch.device) -> GPTModel:
     """The model of ``plan.model_spec``, built on the CPU after ``torch.manual_seed(seed)``, given the
     checkpoint's weights on resume, moved to ``device`` with its Linear kernel chosen. With several
-    processes each rank then seeds its own dropout stream (``seed + rank``)."""
+    processes each rank then seeds its own dropout stream (``seed + rank``, modulo 2**64)."""
     from ..builder import build_model
 
     config = plan.config
@@ -32,7 +32,7 @@ def build_training_model(plan: RunPlan, ctx: DistContext, device: torch.device) 
     model.to(device)
     choose_linear_kernel(model, config.linear_kernel, device)
     if ctx.world_size > 1:
-        torch.manual_seed(config.seed + ctx.rank)  # each rank its own dropout stream
+        torch.manual_seed((config.seed + ctx.rank) % 2**64)  # each rank its own dropout stream
     return model
 
 
