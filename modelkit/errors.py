@@ -40,7 +40,8 @@ class SpecError(ModelkitError, ValueError):
     """A model spec is invalid. ``issues`` lists every problem found, each with its JSON path.
 
     The message names the source (a file path, or "<dict>" / "<json string>") and lists all
-    problems at once, one per line, so a user can fix a config in one go.
+    problems at once, one per line, so a user can fix a config in one go; a single problem is
+    one line: ``invalid model spec in a.json: n_layers: must be at most 1,024 ...``.
     """
 
     def __init__(self, issues: list[SpecIssue], source: str | None = None) -> None:
@@ -48,6 +49,9 @@ class SpecError(ModelkitError, ValueError):
         self.source = source
         where = f" in {source}" if source else ""
         count = len(self.issues)
+        if count == 1:  # one problem: one line
+            super().__init__(f"invalid model spec{where}: {self.issues[0]}")
+            return
         head = f"invalid model spec{where} ({count} problem{'s' if count != 1 else ''}):"
         super().__init__("\n".join([head, *(f"  {issue}" for issue in self.issues)]))
 
