@@ -106,3 +106,20 @@ class SpeedOptionError(ModelkitError, ValueError):
 
 class DeviceError(ModelkitError, ValueError):
     """A ``--device``/``device=`` names no torch device, or one this machine does not have."""
+
+
+class ModelTooLargeError(ModelkitError, MemoryError):
+    """Building a model on a device would need more memory than the device has free.
+
+    Raised before anything is allocated; ``needed`` and ``available`` are bytes (parameters and
+    buffers only: running the model needs more).
+    """
+
+    def __init__(self, needed: int, available: int, device: str, parameters: int, dtype: str) -> None:
+        self.needed, self.available, self.device = needed, available, device
+        gib = 2**30
+        super().__init__(
+            f"the model needs {needed / gib:,.1f} GiB on {device} ({parameters:,} parameters in {dtype}), "
+            f"but {device} has {available / gib:,.1f} GiB free; use a smaller spec, a smaller dtype, "
+            "or device='meta' to inspect it without weights"
+        )
