@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import stat
-from itertools import accumulate
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -75,7 +73,7 @@ class ComponentSpec(BaseModel):
 class _Sizes(BaseModel):
     """The top-level fields (everything but the component slots), with JSON's types (strict)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     name: Annotated[str, Field(min_length=1, description="a label for the model (default: the file's stem)")] = "gpt"
     vocab_size: Annotated[int, Field(gt=0, le=MAX_VOCAB_SIZE, description="number of token ids (GPT-2: 50257)")]
@@ -168,9 +166,10 @@ def _message(err: ErrorDetails) -> str:
     expected = expected_json_type(err)
     if expected is not None:
         return f"expected {expected}, got {got}"
-    if err["type"] == "less_than_equal":
-        ceiling = (err.get("ctx") or {}).get("le")
-        return f"must be at most {ceiling:,} (a ceiling from modelkit.limits), got {got}"
+    if err["type"] == "less_than_equal" and isinstance((err.get("ctx") or {}).get("le"), int):
+        return f"must be at most {err['ctx']['le']:,} (a ceiling from modelkit.limits), got {got}"
+    if err["type"] == "finite_number":
+        return f"must be a finite number, got {got}"
     return f"{err['msg'].removeprefix('Value error, ')} (got {got})"
 
 
@@ -291,7 +290,7 @@ def validate_spec(data: Mapping[str, Any], source: str | None = None) -> ModelSp
         raise SpecError([SpecIssue("", f"a spec must be a JSON object, got {type(data).__name__}")], source)
     depth = data_depth(data)
     if depth > MAX_JSON_DEPTH:
-        raise _too_deep(f"more than {MAX_JSON_DEPTH}", source or "<dict>")
+        raise _too_deep(source or "<dict>")
     data = {k: v for k, v in data.items() if k != "$schema"}
     issues: list[SpecIssue] = []
     sizes: _Sizes | None = None
@@ -324,22 +323,14 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"the number {text[:30]} is too large for a float")
+    return value
+
+
 _MAX_PATH_CHARS = 4096  # Linux's PATH_MAX
-_STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
-_NOT_BRACKETS = re.compile(r"[^\[\]{}]+")
-_BRACKET_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
-
-
-def text_depth(text: str) -> int:
-    """How deeply arrays and objects nest in JSON ``text`` (0 for a scalar), without parsing it.
-
-    Linear in the text's length and never recursive, so it is safe on hostile input; brackets inside
-    strings do not count.
-    """
-    brackets = _NOT_BRACKETS.sub("", _STRINGS.sub("", text))
-    return max(accumulate(map(_BRACKET_STEP.__getitem__, brackets)), default=0)
-
-
 def data_depth(data: Any, limit: int = MAX_JSON_DEPTH) -> int:
     """How deeply lists and mappings nest in ``data``, counted iteratively and only up to ``limit + 1``
     (so a self-referencing dict also terminates)."""
@@ -357,28 +348,33 @@ def data_depth(data: Any, limit: int = MAX_JSON_DEPTH) -> int:
     return deepest
 
 
-def _too_deep(depth: int | str, source: str) -> SpecError:
-    return SpecError([SpecIssue("", f"arrays and objects nest {depth} deep; a spec may nest at most "
-                                    f"{MAX_JSON_DEPTH} deep (MAX_JSON_DEPTH in modelkit.limits)")], source)
+def _too_deep(source: str) -> SpecError:
+    return SpecError([SpecIssue("", f"arrays and objects nest more than {MAX_JSON_DEPTH} deep "
+                                    "(MAX_JSON_DEPTH in modelkit.limits)")], source)
 
 
 def parse_json(text: str, source: str) -> Any:
-    """Parse JSON, reporting syntax errors with line and column; refuse duplicate keys, ``NaN`` and
-    ``Infinity``, text longer than ``MAX_SPEC_BYTES`` characters and nesting deeper than
-    ``MAX_JSON_DEPTH``, each as one :class:`SpecError` (never a ``RecursionError``)."""
+    """Parse JSON, reporting syntax errors with line and column; refuse duplicate keys, ``NaN``,
+    ``Infinity`` and numbers too large for a float, text longer than ``MAX_SPEC_BYTES`` characters
+    and nesting deeper than ``MAX_JSON_DEPTH``, each as one :class:`SpecError` (never a
+    ``RecursionError``: the parser's own recursion guard stops hostile nesting, and the depth of
+    what parsed is measured without recursion)."""
     if len(text) > MAX_SPEC_BYTES:
         raise SpecError([SpecIssue("", f"the JSON text is {len(text):,} characters; a spec may be at most "
                                        f"{MAX_SPEC_BYTES:,} (MAX_SPEC_BYTES)")], source)
-    depth = text_depth(text)
-    if depth > MAX_JSON_DEPTH:
-        raise _too_deep(depth, source)
     try:
-        return json.loads(text, object_pairs_hook=_reject_duplicate_keys, parse_constant=_reject_constant)
+        data = json.loads(text, object_pairs_hook=_reject_duplicate_keys, parse_constant=_reject_constant,
+                          parse_float=_finite_float)
     except json.JSONDecodeError as exc:
         raise SpecError([SpecIssue("", f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}")],
                         source) from None
-    except (ValueError, RecursionError) as exc:
+    except RecursionError:
+        raise _too_deep(source) from None
+    except ValueError as exc:
         raise SpecError([SpecIssue("", f"invalid JSON: {exc}")], source) from None
+    if data_depth(data) > MAX_JSON_DEPTH:
+        raise _too_deep(source)
+    return data
 
 
 def read_spec_file(path: str | os.PathLike[str]) -> str:
