@@ -451,3 +451,14 @@ def test_modelkit_info_on_a_trillion_layers_exits_at_once_without_allocating(tmp
         f"modelkit info: error: invalid model spec in {file}: n_layers: must be at most {MAX_N_LAYERS:,} "
         f"(a ceiling from modelkit.limits), got {10**12}"]
     assert peak_kib / 1024 < PEAK_RSS_LIMIT_MIB
+
+
+# -- the llama plugin's size parameters ---------------------------------------------------------------
+
+@pytest.mark.parametrize(("slot", "component", "param"), [
+    ("feedforward", "llama.swiglu", "hidden_dim"), ("feedforward", "llama.swiglu", "multiple_of"),
+    ("attention", "llama.gqa", "num_kv_heads")])
+@pytest.mark.parametrize("value", [10**12, 2**64, 0, True, "8"], ids=["1e12", "2^64", "zero", "true", "string"])
+def test_the_llama_plugin_bounds_its_sizes_too(slot, component, param, value):
+    pytest.importorskip("modelkit_llama")
+    assert_refused_everywhere({**BASE, slot: {"type": component, param: value}}, f"{slot}.{param}: ")
