@@ -321,6 +321,14 @@ def test_compare_overrides_are_checked_like_spec_fields(key, value, tmp_path, ca
     assert len(err) == 1 and err[0].startswith(f"modelkit compare: error: invalid model spec in <dict>: {key}: ")
 
 
+def test_a_compare_override_nested_100000_deep_is_one_line(tmp_path, capsys):
+    file = tmp_path / "base.json"
+    file.write_text(json.dumps(BASE))
+    assert main(["compare", str(file), "--no-speed", "--no-plot", "--override", "name=" + "[" * 100_000]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "modelkit compare: error: override 'name': the value nests too deep to be a spec value"]
+
+
 # -- memory: sizing before allocating ------------------------------------------------------------------
 
 def test_the_estimate_is_exact_for_built_in_and_plugin_components():
