@@ -161,13 +161,18 @@ def _meminfo_available() -> int | None:
 
 
 def _cgroup_available() -> int | None:
-    """What this process's cgroup (v2) still lets it use, in bytes; None when it sets no limit."""
+    """What this process's cgroup (v2) still lets it use, in bytes: its limit less what it holds, page
+    cache excepted (the kernel reclaims that before refusing memory); None when it sets no limit."""
+    root = Path("/sys/fs/cgroup")
     try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        limit = (root / "memory.max").read_text().strip()
         if limit == "max":
             return None
-        return max(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()), 0)
-    except (OSError, ValueError):
+        used = int((root / "memory.current").read_text())
+        stat_lines = (root / "memory.stat").read_text().splitlines()
+        cache = next((int(line.split()[1]) for line in stat_lines if line.startswith("file ")), 0)
+        return max(int(limit) - used + cache, 0)
+    except (OSError, ValueError, IndexError):
         return None
 
 

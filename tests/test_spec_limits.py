@@ -390,6 +390,28 @@ def test_free_memory_is_known_on_this_cpu_and_fits_a_small_model():
     assert GPTModel(BASE)  # the real check, not patched
 
 
+def test_a_cgroup_limit_counts_page_cache_as_free(monkeypatch, tmp_path):
+    import modelkit.sizing as sizing
+
+    (tmp_path / "memory.max").write_text("1000000\n")
+    (tmp_path / "memory.current").write_text("900000\n")
+    (tmp_path / "memory.stat").write_text("anon 100000\nfile 800000\n")
+    real_path = sizing.Path
+    monkeypatch.setattr(sizing, "Path", lambda p: tmp_path if p == "/sys/fs/cgroup" else real_path(p))
+    assert sizing._cgroup_available() == 1000000 - 900000 + 800000
+    (tmp_path / "memory.max").write_text("max\n")
+    assert sizing._cgroup_available() is None
+
+
+def test_meta_info_on_the_largest_valid_depth_finishes_in_seconds(tmp_path, capsys):
+    file = tmp_path / "deep.json"
+    file.write_text(json.dumps({**BASE, "n_layers": MAX_N_LAYERS}))
+    start = time.monotonic()
+    assert main(["info", str(file), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["parameters"] == estimate_size(load_spec(file)).parameters
+    assert time.monotonic() - start < 10
+
+
 def test_the_schema_states_each_ceiling_as_its_maximum(capsys):
     assert main(["schema"]) == 0
     schema = json.loads(capsys.readouterr().out)
