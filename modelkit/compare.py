@@ -114,6 +114,8 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = json.loads(raw)
     except json.JSONDecodeError:
         value = raw
+    except RecursionError:
+        raise CompareError(f"override '{key.strip()}': the value nests too deep to be a spec value") from None
     return key.strip(), value
 
 

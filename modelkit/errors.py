@@ -40,7 +40,8 @@ class SpecError(ModelkitError, ValueError):
     """A model spec is invalid. ``issues`` lists every problem found, each with its JSON path.
 
     The message names the source (a file path, or "<dict>" / "<json string>") and lists all
-    problems at once, one per line, so a user can fix a config in one go.
+    problems at once, one per line, so a user can fix a config in one go; a single problem is
+    one line: ``invalid model spec in a.json: n_layers: must be at most 1,024 ...``.
     """
 
     def __init__(self, issues: list[SpecIssue], source: str | None = None) -> None:
@@ -48,6 +49,9 @@ class SpecError(ModelkitError, ValueError):
         self.source = source
         where = f" in {source}" if source else ""
         count = len(self.issues)
+        if count == 1:  # one problem: one line
+            super().__init__(f"invalid model spec{where}: {self.issues[0]}")
+            return
         head = f"invalid model spec{where} ({count} problem{'s' if count != 1 else ''}):"
         super().__init__("\n".join([head, *(f"  {issue}" for issue in self.issues)]))
 
@@ -102,3 +106,20 @@ class SpeedOptionError(ModelkitError, ValueError):
 
 class DeviceError(ModelkitError, ValueError):
     """A ``--device``/``device=`` names no torch device, or one this machine does not have."""
+
+
+class ModelTooLargeError(ModelkitError, MemoryError):
+    """Building a model on a device would need more memory than the device has free.
+
+    Raised before anything is allocated; ``needed`` and ``available`` are bytes (parameters and
+    buffers only: running the model needs more).
+    """
+
+    def __init__(self, needed: int, available: int, device: str, parameters: int, dtype: str) -> None:
+        self.needed, self.available, self.device = needed, available, device
+        gib = 2**30
+        super().__init__(
+            f"the model needs {needed / gib:,.1f} GiB on {device} ({parameters:,} parameters in {dtype}), "
+            f"but {device} has {available / gib:,.1f} GiB free; use a smaller spec, a smaller dtype, "
+            "or device='meta' to inspect it without weights"
+        )

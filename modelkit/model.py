@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from .cache import KVCache
 from .components.base import Block, Dropout, LayerContext, Positional
 from .components.build import SpecBlockParts, build_component
+from .sizing import check_model_size
 from .spec import ModelSpec, load_spec
 
 #: What stands for a part in :meth:`GPTModel.forward_with`: the module, or a function computing the same.
@@ -26,11 +27,15 @@ class GPTModel(nn.Module):
     ``final_norm``, ``out_head``) and modules are created in the book's order, so after
     ``torch.manual_seed(123)`` the default gpt2-small spec has exactly the book's weights.
     ``GPTModel(GPT_CONFIG_124M)`` works with the book's dict, as does any spec :func:`load_spec` takes.
+    A spec over ``MAX_PARAMETERS`` parameters, or too large for the free memory of the device it is
+    built on (torch's default device), is refused before anything is allocated
+    (:func:`modelkit.sizing.check_model_size`).
     """
 
     def __init__(self, cfg: ModelSpec | Mapping[str, Any] | str | os.PathLike[str]) -> None:
         super().__init__()
         spec = load_spec(cfg)
+        check_model_size(spec)  # before any allocation: MAX_PARAMETERS, and the device's free memory
         dims = spec.dims
         self.spec = spec
         self.tok_emb = nn.Embedding(dims.vocab_size, dims.emb_dim)

@@ -258,7 +258,7 @@ def params_model_for(cls: type, kind: str, name: str) -> tuple[type[BaseModel], 
     try:
         model = create_model(  # type: ignore[call-overload]
             f"{cls.__name__}Params",
-            __config__=ConfigDict(extra="forbid", strict=True, arbitrary_types_allowed=False),
+            __config__=ConfigDict(extra="forbid", strict=True, arbitrary_types_allowed=False, allow_inf_nan=False),
             __doc__=inspect.getdoc(cls),
             **fields,
         )

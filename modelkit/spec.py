@@ -14,12 +14,19 @@ Types are JSON's, exactly as the JSON Schema states them, for the fields and for
 parameters: ``true`` is not an integer, ``"8"`` is not a number, ``1`` is not a boolean; an integer
 is a number (``"drop_rate": 0`` is fine). A wrong type is reported at its path as
 ``n_layers: expected an integer, got true``.
+
+Sizes have ceilings (``n_layers <= 1024``, ``vocab_size <= 2**24``...), the table in
+:mod:`modelkit.limits`; a larger value is refused at its path, naming the limit. JSON is read
+defensively: a spec file must be a regular file of at most ``MAX_SPEC_BYTES`` (a device, FIFO or
+directory is refused without reading it), nesting is limited to ``MAX_JSON_DEPTH``, duplicate keys
+and the non-JSON constants ``NaN``/``Infinity`` are refused.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -29,6 +36,8 @@ from pydantic_core import ErrorDetails, PydanticSerializationError, to_json
 
 from .components.base import ModelDims
 from .errors import PluginError, RegistryError, SpecError, SpecIssue, did_you_mean
+from .limits import (MAX_CONTEXT_LENGTH, MAX_EMB_DIM, MAX_JSON_DEPTH, MAX_N_HEADS, MAX_N_LAYERS, MAX_SPEC_BYTES,
+                     MAX_VOCAB_SIZE)
 from .registry import COMPONENT_SCHEMA_KEY, KINDS, get_registry
 
 # slot -> default component (the book's part). Each slot holds a component of the kind of its name.
@@ -64,14 +73,14 @@ class ComponentSpec(BaseModel):
 class _Sizes(BaseModel):
     """The top-level fields (everything but the component slots), with JSON's types (strict)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     name: Annotated[str, Field(min_length=1, description="a label for the model (default: the file's stem)")] = "gpt"
-    vocab_size: Annotated[int, Field(gt=0, description="number of token ids (GPT-2: 50257)")]
-    context_length: Annotated[int, Field(gt=0, description="maximum sequence length")]
-    emb_dim: Annotated[int, Field(gt=0, description="embedding / residual width")]
-    n_heads: Annotated[int, Field(gt=0, description="attention heads; must divide emb_dim")]
-    n_layers: Annotated[int, Field(gt=0, description="transformer blocks")]
+    vocab_size: Annotated[int, Field(gt=0, le=MAX_VOCAB_SIZE, description="number of token ids (GPT-2: 50257)")]
+    context_length: Annotated[int, Field(gt=0, le=MAX_CONTEXT_LENGTH, description="maximum sequence length")]
+    emb_dim: Annotated[int, Field(gt=0, le=MAX_EMB_DIM, description="embedding / residual width")]
+    n_heads: Annotated[int, Field(gt=0, le=MAX_N_HEADS, description="attention heads; must divide emb_dim")]
+    n_layers: Annotated[int, Field(gt=0, le=MAX_N_LAYERS, description="transformer blocks")]
     drop_rate: Annotated[float, Field(ge=0, lt=1, description="dropout probability")] = 0.1
     qkv_bias: Annotated[bool, Field(description="biases in the query/key/value projections")] = False
     tie_embeddings: Annotated[bool, Field(description="out_head shares tok_emb's weight")] = False
@@ -157,6 +166,10 @@ def _message(err: ErrorDetails) -> str:
     expected = expected_json_type(err)
     if expected is not None:
         return f"expected {expected}, got {got}"
+    if err["type"] == "less_than_equal" and isinstance((err.get("ctx") or {}).get("le"), int):
+        return f"must be at most {err['ctx']['le']:,} (a ceiling from modelkit.limits), got {got}"
+    if err["type"] == "finite_number":
+        return f"must be a finite number, got {got}"
     return f"{err['msg'].removeprefix('Value error, ')} (got {got})"
 
 
@@ -243,7 +256,8 @@ def _resolve(kind: str, raw: Any, path: str, issues: list[SpecIssue]) -> Compone
 
 def _heads_issue(emb_dim: Any, n_heads: Any) -> SpecIssue | None:
     """The emb_dim/n_heads check, run whenever both values are themselves valid."""
-    valid = all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (emb_dim, n_heads))
+    valid = all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= ceiling
+                for v, ceiling in ((emb_dim, MAX_EMB_DIM), (n_heads, MAX_N_HEADS)))
     if valid and emb_dim % n_heads:
         return SpecIssue("n_heads", f"emb_dim {emb_dim} is not divisible by n_heads {n_heads}")
     return None
@@ -274,6 +288,9 @@ def validate_spec(data: Mapping[str, Any], source: str | None = None) -> ModelSp
     """Validate a spec given as parsed JSON; raise :class:`SpecError` listing every problem."""
     if not isinstance(data, Mapping):
         raise SpecError([SpecIssue("", f"a spec must be a JSON object, got {type(data).__name__}")], source)
+    depth = data_depth(data)
+    if depth > MAX_JSON_DEPTH:
+        raise _too_deep(source or "<dict>")
     data = {k: v for k, v in data.items() if k != "$schema"}
     issues: list[SpecIssue] = []
     sizes: _Sizes | None = None
@@ -302,15 +319,101 @@ def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return seen
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"the number {text[:30]} is too large for a float")
+    return value
+
+
+_MAX_PATH_CHARS = 4096  # Linux's PATH_MAX
+def data_depth(data: Any, limit: int = MAX_JSON_DEPTH) -> int:
+    """How deeply lists and mappings nest in ``data``, counted iteratively and only up to ``limit + 1``
+    (so a self-referencing dict also terminates)."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, Mapping) else node if isinstance(node, (list, tuple)) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        if depth > limit:
+            return deepest
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def _too_deep(source: str) -> SpecError:
+    return SpecError([SpecIssue("", f"arrays and objects nest more than {MAX_JSON_DEPTH} deep "
+                                    "(MAX_JSON_DEPTH in modelkit.limits)")], source)
+
+
 def parse_json(text: str, source: str) -> Any:
-    """Parse JSON, reporting syntax errors with line and column and rejecting duplicate keys."""
+    """Parse JSON, reporting syntax errors with line and column; refuse duplicate keys, ``NaN``,
+    ``Infinity`` and numbers too large for a float, text longer than ``MAX_SPEC_BYTES`` characters
+    and nesting deeper than ``MAX_JSON_DEPTH``, each as one :class:`SpecError` (never a
+    ``RecursionError``: the parser's own recursion guard stops hostile nesting, and the depth of
+    what parsed is measured without recursion)."""
+    if len(text) > MAX_SPEC_BYTES:
+        raise SpecError([SpecIssue("", f"the JSON text is {len(text):,} characters; a spec may be at most "
+                                       f"{MAX_SPEC_BYTES:,} (MAX_SPEC_BYTES)")], source)
     try:
-        return json.loads(text, object_pairs_hook=_reject_duplicate_keys)
+        data = json.loads(text, object_pairs_hook=_reject_duplicate_keys, parse_constant=_reject_constant,
+                          parse_float=_finite_float)
     except json.JSONDecodeError as exc:
         raise SpecError([SpecIssue("", f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}")],
                         source) from None
+    except RecursionError:
+        raise _too_deep(source) from None
     except ValueError as exc:
         raise SpecError([SpecIssue("", f"invalid JSON: {exc}")], source) from None
+    if data_depth(data) > MAX_JSON_DEPTH:
+        raise _too_deep(source)
+    return data
+
+
+def read_spec_file(path: str | os.PathLike[str]) -> str:
+    """The text of a spec file, read defensively: it must be a regular file of at most
+    ``MAX_SPEC_BYTES`` bytes, in UTF-8. A directory, device (``/dev/zero``), FIFO or socket is
+    refused without reading from it (the file is opened non-blocking and checked with ``fstat``, so
+    a FIFO cannot block). Raises :class:`SpecError` naming the path."""
+    where = str(path)
+
+    def refuse(message: str) -> SpecError:
+        return SpecError([SpecIssue("", message)], where)
+
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise refuse(f"cannot read the spec file: {exc.strerror or exc}") from None
+    too_big = f"a spec file may be at most {MAX_SPEC_BYTES:,} bytes (MAX_SPEC_BYTES)"
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise refuse("is a directory, not a spec file")
+        if not stat.S_ISREG(info.st_mode):
+            raise refuse("is not a regular file (a device, FIFO or socket); give a JSON spec file")
+        if info.st_size > MAX_SPEC_BYTES:
+            raise refuse(f"the file is {info.st_size:,} bytes; {too_big}")
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as fh:
+        try:
+            raw = fh.read(MAX_SPEC_BYTES + 1)
+        except OSError as exc:
+            raise refuse(f"cannot read the spec file: {exc.strerror or exc}") from None
+    if len(raw) > MAX_SPEC_BYTES:
+        raise refuse(f"the file grew past {MAX_SPEC_BYTES:,} bytes while read; {too_big}")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise refuse("not a JSON spec (the file is not UTF-8 text)") from None
 
 
 def load_spec(source: ModelSpec | Mapping[str, Any] | str | os.PathLike[str]) -> ModelSpec:
@@ -318,6 +421,7 @@ def load_spec(source: ModelSpec | Mapping[str, Any] | str | os.PathLike[str]) ->
 
     A string starting with ``{`` is JSON text; any other string is a path. Raises
     :class:`SpecError` (a ``ValueError``) naming the source and every problem with its JSON path.
+    Files and text are read defensively (see :func:`read_spec_file` and :func:`parse_json`).
     """
     if isinstance(source, ModelSpec):
         return source
@@ -325,15 +429,12 @@ def load_spec(source: ModelSpec | Mapping[str, Any] | str | os.PathLike[str]) ->
         return validate_spec(source, "<dict>")
     if isinstance(source, str) and source.lstrip().startswith("{"):
         return validate_spec(parse_json(source, "<json string>"), "<json string>")
+    if isinstance(source, str) and len(source) > _MAX_PATH_CHARS:
+        raise SpecError([SpecIssue("", f"a string of {len(source):,} characters is neither JSON text (which starts "
+                                       f"with '{{') nor a path (at most {_MAX_PATH_CHARS:,} characters)")], "<string>")
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise SpecError([SpecIssue("", f"cannot read the spec file: {exc.strerror or exc}")], str(path)) from None
-        except UnicodeDecodeError:
-            raise SpecError([SpecIssue("", "not a JSON spec (the file is not UTF-8 text)")], str(path)) from None
-        data = parse_json(text, str(path))
+        data = parse_json(read_spec_file(path), str(path))
         if isinstance(data, dict) and "name" not in data:
             data["name"] = path.stem
         return validate_spec(data, str(path))

@@ -14,9 +14,9 @@ import modelkit
 
 PACKAGE = Path(modelkit.__file__).parent
 
-#: The model core: registry, spec, builder, model, components, cache, errors.
+#: The model core: registry, spec, builder, model, components, cache, errors, limits, sizing.
 CORE = ("modelkit.errors", "modelkit.registry", "modelkit.spec", "modelkit.builder", "modelkit.model",
-        "modelkit.cache", "modelkit.introspect", "modelkit.components")
+        "modelkit.cache", "modelkit.introspect", "modelkit.components", "modelkit.limits", "modelkit.sizing")
 RUNTIME = ("modelkit.runtime",)
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -113,8 +115,18 @@ def run(args: argparse.Namespace) -> int:
     return _run_config(args)
 
 
+def _is_regular_file(path: str) -> bool:
+    """Whether ``path`` is a regular file; sniffing anything else for a checkpoint header could block
+    (a FIFO) or read without end (``/dev/zero``), so the spec loader gets it and refuses it."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 def _run_config(args: argparse.Namespace) -> int:
-    is_ckpt = Path(args.config).suffix == ".safetensors" or is_checkpoint_file(args.config)
+    is_ckpt = Path(args.config).suffix == ".safetensors" or (_is_regular_file(args.config)
+                                                             and is_checkpoint_file(args.config))
     ckpt = read_checkpoint(args.config) if is_ckpt else None
     spec = ckpt.spec if ckpt is not None else load_spec(args.config)
     report = info_report(spec)

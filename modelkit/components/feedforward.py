@@ -7,6 +7,7 @@ from typing import Annotated
 from pydantic import Field
 from torch import Tensor, nn
 
+from ..limits import MAX_HIDDEN_DIM, MAX_HIDDEN_MULT
 from ..registry import SubComponent, register
 from .base import FeedForward, ModelDims
 
@@ -23,8 +24,8 @@ class MLP(FeedForward):
         self,
         dims: ModelDims,
         *,
-        hidden_mult: Annotated[int, Field(gt=0, description="hidden size as a multiple of emb_dim")] = 4,
-        hidden_dim: Annotated[int | None, Field(gt=0, description="hidden size; overrides hidden_mult")] = None,
+        hidden_mult: Annotated[int, Field(gt=0, le=MAX_HIDDEN_MULT, description="hidden size as a multiple of emb_dim")] = 4,
+        hidden_dim: Annotated[int | None, Field(gt=0, le=MAX_HIDDEN_DIM, description="hidden size; overrides hidden_mult")] = None,
         activation: Annotated[nn.Module, SubComponent("activation")] = "gelu",  # type: ignore[assignment]
         bias: Annotated[bool, Field(description="biases in both linear layers")] = True,
     ) -> None:

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from modelkit.components.attention import BackendName, attend
 from modelkit.components.base import Attention, LayerContext, ModelDims
 from modelkit.components.kernels import get_attention_kernel
+from modelkit.limits import MAX_N_HEADS
 
 
 class GroupedQueryAttention(Attention):
@@ -27,7 +28,8 @@ class GroupedQueryAttention(Attention):
         self,
         dims: ModelDims,
         *,
-        num_kv_heads: Annotated[int | None, Field(gt=0, description="key/value heads; must divide n_heads (None: n_heads)")] = None,
+        num_kv_heads: Annotated[int | None, Field(gt=0, le=MAX_N_HEADS,
+                                                  description="key/value heads; must divide n_heads (None: n_heads)")] = None,
         backend: BackendName = "sdpa",
         out_bias: Annotated[bool, Field(description="bias in out_proj")] = False,
     ) -> None:

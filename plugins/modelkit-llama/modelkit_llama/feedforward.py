@@ -10,6 +10,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from modelkit.components.base import FeedForward, ModelDims
+from modelkit.limits import MAX_HIDDEN_DIM, MAX_MULTIPLE_OF
 
 
 def llama_hidden_dim(emb_dim: int, multiple_of: int) -> int:
@@ -29,8 +30,10 @@ class SwiGLU(FeedForward):
         self,
         dims: ModelDims,
         *,
-        hidden_dim: Annotated[int | None, Field(gt=0, description="hidden size (default: Llama's 8/3·emb_dim rule)")] = None,
-        multiple_of: Annotated[int, Field(gt=0, description="round the default hidden size up to this")] = 256,
+        hidden_dim: Annotated[int | None, Field(gt=0, le=MAX_HIDDEN_DIM,
+                                                description="hidden size (default: Llama's 8/3·emb_dim rule)")] = None,
+        multiple_of: Annotated[int, Field(gt=0, le=MAX_MULTIPLE_OF,
+                                          description="round the default hidden size up to this")] = 256,
         bias: Annotated[bool, Field(description="biases in the three linear layers")] = False,
     ) -> None:
         super().__init__()
