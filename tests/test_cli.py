@@ -86,6 +86,21 @@ def test_a_bad_config_is_one_clear_message_and_exit_status_2_without_traceback(t
     assert "n_heads: emb_dim 32 is not divisible by n_heads 5" in result.stderr
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--config", "x.json", "--seed", "nan"], "modelkit generate: error: argument --seed: invalid int value: 'nan'"),
+    (["train", "--steps", "abc"], "modelkit train: error: argument --steps"),
+    (["spec"], "modelkit spec: error: the following arguments are required: config"),
+    (["nonsense"], "modelkit: error: argument COMMAND: invalid choice: 'nonsense'"),
+])
+def test_a_usage_error_is_one_line_and_exit_status_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(message), err
+    assert err.rstrip().endswith("--help)")
+
+
 def test_numpy_is_a_dependency_so_commands_print_no_numpy_warning(tmp_path):
     """torch's CPU wheel does not require numpy but warns at import without it: modelkit depends on it."""
     tomllib = pytest.importorskip("tomllib")

@@ -117,7 +117,7 @@ def cli(argv: list[str]) -> int:
 
 def assert_one_error_line(code: int, err: str, command: str) -> str:
     """Exit status 2, no traceback, and exactly one ``modelkit <command>: error:`` line, the last one
-    (argparse's own refusals come after its usage block). Returns the error line."""
+    (argparse's own refusals included). Returns the error line."""
     assert code == 2, err
     assert "Traceback" not in err
     lines = err.strip().splitlines()
@@ -125,7 +125,7 @@ def assert_one_error_line(code: int, err: str, command: str) -> str:
     assert len(errors) == 1 and lines[-1] == errors[0], err
     assert errors[0].startswith(f"modelkit {command}: error: "), err
     before = lines[:-1]
-    assert not before or before[0].startswith("usage:"), err  # only argparse's usage may precede it
+    assert not before, err  # usage errors are one line too (OneLineErrorParser)
     return errors[0]
 
 

@@ -6,6 +6,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from ..runtime.cpu import forced_capability_problem
 from ..errors import ModelkitError
@@ -15,10 +16,18 @@ COMMANDS: tuple[str, ...] = ("info", "spec", "schema", "components", "generate",
                              "export_hf")
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line, like every other error of the CLI:
+    ``modelkit <command>: error: <message> (see --help)`` on stderr, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ..version import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="modelkit",
         description="Build, inspect, run and compare GPT-style models from JSON specs.",
     )
