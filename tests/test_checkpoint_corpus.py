@@ -482,3 +482,37 @@ def test_an_index_never_names_a_file_outside_its_folder(hf_base: dict[str, bytes
 def test_case_counts() -> None:
     """The corpus covers what the issue lists (a guard against cases silently going missing)."""
     assert len(READ_CASES) >= 150 and len(LOAD_CASES) == 3 and len(HF_CASES) >= 80
+
+
+# -- special files: refused before anything is read (a FIFO would block, a device stream forever) --------
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "device"])
+def test_a_checkpoint_path_that_is_not_a_regular_file_is_refused_at_once(kind: str, tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    import os
+
+    path = tmp_path / "model.safetensors"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir()
+    else:
+        path = Path("/dev/zero")
+    start = time.monotonic()
+    for load in (read_checkpoint, load_checkpoint):
+        with pytest.raises(ModelkitError, match="not a regular file|Is a directory"):
+            load(path)
+    for argv in (["info", str(path)], ["generate", "--checkpoint", str(path), "--prompt", "hi"]):
+        assert cli_main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "error:" in err, err
+    assert time.monotonic() - start < 10
+
+
+def test_an_hf_config_that_is_a_fifo_is_refused_at_once(tmp_path: Path) -> None:
+    import os
+
+    os.mkfifo(tmp_path / "config.json")
+    with pytest.raises(ModelkitError, match="not a regular file"):
+        load_hf_gpt2(tmp_path)

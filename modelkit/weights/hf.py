@@ -194,7 +194,7 @@ def _json_type(value: Any) -> str:
 def _read_json(path: Path) -> Any:
     """A small JSON file (config.json, an index) parsed; at most 16 MiB are read, whatever ``path`` is."""
     try:
-        with path.open("rb") as fh:
+        with open_file(path, "file") as fh:
             raw = fh.read(_MAX_JSON + 1)
     except OSError as exc:
         raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from None

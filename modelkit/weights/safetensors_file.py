@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,12 +181,22 @@ def read_header(fh: BinaryIO, path: Path) -> Header:
     return Header(metadata, entries, 8 + n, _tiled(entries, path), size)
 
 
-def open_file(path: Path) -> BinaryIO:
-    """``path`` opened for reading, or a CheckpointError saying why it cannot be."""
+def open_file(path: Path, what: str = "checkpoint") -> BinaryIO:
+    """``path`` (a ``what``) opened for reading if it is a regular file, or a CheckpointError saying why not.
+
+    Opened non-blocking and checked with ``fstat`` before anything is read, so a FIFO, a device or
+    a directory is refused at once instead of blocking or streaming without end.
+    """
     try:
-        return path.open("rb")
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
+        raise CheckpointError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CheckpointError(f"cannot read {what} {path}: not a regular file")
+    if hasattr(os, "set_blocking"):
+        os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
 
 
 def read_header_of(path: Path) -> Header:
