@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from .errors import BuildError
 from .model import GPTModel
 from .sizing import skip_values_on_meta
 from .spec import ModelSpec, load_spec
@@ -45,12 +46,17 @@ def build_model(
     ``device="meta"`` nothing is allocated, which makes counting a gpt2-xl instant. Raises
     :class:`~modelkit.SpecError` before building anything if the spec is invalid or has more than
     ``MAX_PARAMETERS`` parameters, and :class:`~modelkit.errors.ModelTooLargeError` if the weights
-    would not fit the device's free memory (see :mod:`modelkit.sizing`).
+    would not fit the device's free memory (see :mod:`modelkit.sizing`); :class:`~modelkit.errors.BuildError`
+    for a device or dtype it cannot build on.
     """
     resolved = load_spec(spec)
-    if dtype is not None and not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating point dtype, got {dtype}")
-    device_ctx = torch.device(device) if device is not None else contextlib.nullcontext()
-    meta = device is not None and torch.device(device).type == "meta"
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise BuildError(f"dtype must be a floating point torch.dtype, got {dtype!r}")
+    try:
+        target = torch.device(device) if device is not None else None
+    except (RuntimeError, TypeError) as exc:
+        raise BuildError(f"unknown device {device!r}: {exc}") from None
+    meta = target is not None and target.type == "meta"
+    device_ctx = target if target is not None else contextlib.nullcontext()
     with device_ctx, _default_dtype(dtype), skip_values_on_meta() if meta else contextlib.nullcontext():
         return GPTModel(resolved)

@@ -56,6 +56,11 @@ class SpecError(ModelkitError, ValueError):
         super().__init__("\n".join([head, *(f"  {issue}" for issue in self.issues)]))
 
 
+class BuildError(ModelkitError, ValueError):
+    """``build_model`` was given a device or dtype it cannot build on (an unknown device string, a dtype
+    that is not floating point)."""
+
+
 class RegistryError(ModelkitError, LookupError):
     """A component registry lookup or registration failed (unknown name, duplicate, bad class)."""
 

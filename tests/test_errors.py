@@ -7,6 +7,7 @@ import importlib
 import pkgutil
 
 import pytest
+import torch
 
 from conftest import REPO
 
@@ -65,6 +66,19 @@ def test_speed_options_refuse_bad_values_with_a_modelkit_error():
         optimize_for_inference(model, linear_kernel="mkl")  # type: ignore[arg-type]
     with pytest.raises(ModelkitError, match="exclude each other"):
         optimize_for_inference(model, native=True, compile=True)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"dtype": "bfloat16"}, "dtype must be a floating point torch.dtype, got 'bfloat16'"),
+    ({"dtype": torch.int64}, "dtype must be a floating point torch.dtype"),
+    ({"device": "nonsense"}, "unknown device 'nonsense'"),
+    ({"device": 3.5}, "unknown device 3.5"),
+])
+def test_build_model_refuses_a_device_or_dtype_it_cannot_build_on(kwargs, message):
+    from modelkit.errors import BuildError
+
+    with pytest.raises(BuildError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        modelkit.build_model(REPO / "configs/tiny.json", **kwargs)
 
 
 @pytest.mark.parametrize(("argv", "message"), [
