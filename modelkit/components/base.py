@@ -33,9 +33,8 @@ down in ``ctx.cache``; only attention touches it (keys already rotated, with how
 heads it has). Other kinds take part simply by being position-wise.
 
 A component is complete with ``forward`` (and ``residual_projections()`` where it has one): nothing
-here is about speed. Fast paths (inference steps, stacked matmuls, fused kernels) are registered for
-a component class in :mod:`modelkit.runtime`, which a plugin may do in a module of its own
-(``docs/extending.md``).
+here is about speed. Speed is the business of :mod:`modelkit.runtime`, where it is registered per
+component class; a plugin may do that in a module of its own (``docs/extending.md``).
 
 Rules every component follows (checked by :func:`modelkit.testing.check_component`): causal,
 deterministic in eval mode, all state it needs in its state dict (a fresh instance that loads it

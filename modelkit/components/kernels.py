@@ -1,4 +1,4 @@
-"""Attention kernels: the softmax(q·kᵀ/√d + bias)·v step, chosen by an attention module's ``backend``.
+"""Attention kernels: the softmax(q·kᵀ/√d + bias)·v computation, chosen by an attention module's ``backend``.
 
 A kernel takes ``q: (b, h, s_q, d)``, ``k, v: (b, h, s_k, d)`` (``s_k >= s_q``; the queries are the
 last ``s_q`` of the ``s_k`` positions), an optional additive ``bias`` broadcastable to
