@@ -165,7 +165,9 @@ def test_the_named_checkpoint_folder_is_checked_too(run: Path, capsys) -> None:
     remove("train_state.json")(run)
     assert main(["train", "--resume", str(run / STEP2), "--quiet"]) == 2
     assert capsys.readouterr().err == (f"modelkit train: error: cannot resume from {run / STEP2}: "
-                                       "train_state.json is missing\n")
+                                       f"train_state.json is missing; the previous checkpoint is {run / STEP1} "
+                                       "(--resume it to continue from there)\n")
+    assert main(["train", "--resume", str(run / STEP1), "--quiet"]) == 0  # as the message says
 
 
 def test_leftovers_of_an_interrupted_save_are_ignored(run: Path, capsys) -> None:

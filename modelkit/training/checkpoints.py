@@ -98,8 +98,19 @@ def check_checkpoint_folder(folder: Path) -> dict[str, Any]:
     if not problems:
         problems = _tensor_file_problems(folder, state)
     if problems:
-        raise TrainError(f"cannot resume from {folder}: " + "; ".join(problems))
+        raise TrainError(f"cannot resume from {folder}: " + "; ".join(problems) + _older_hint(folder))
     return state
+
+
+def _older_hint(folder: Path) -> str:
+    """``; an older checkpoint is <path> (--resume it)`` when ``folder`` is a run's ``step_N`` with an
+    earlier ``step_M`` beside it, else ""."""
+    match = _STEP_FOLDER.match(folder.name)
+    if match is None or folder.parent.name != "checkpoints":
+        return ""
+    older = [(int(m.group(1)), p) for p in folder.parent.glob("step_*")
+             if (m := _STEP_FOLDER.match(p.name)) and p.is_dir() and int(m.group(1)) < int(match.group(1))]
+    return f"; the previous checkpoint is {max(older)[1]} (--resume it to continue from there)" if older else ""
 
 
 def _read_state_json(path: Path) -> tuple[dict[str, Any], list[str]]:
