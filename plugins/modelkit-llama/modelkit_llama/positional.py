@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import Field
@@ -31,25 +31,80 @@ class RoPE(Positional):
     Each head dimension pair (i, i + d/2) of the token at position m is rotated by the angle
     m·θ^(−2i/d) (the "rotate half" layout of GPT-NeoX and Hugging Face Llama), so q_m·k_n depends
     only on m − n. Angles are computed for the positions given, in float32; no parameters, no buffers.
+
+    ``scaling: "llama3"`` applies Llama 3.1's frequency scaling (``factor``, ``low_freq_factor``,
+    ``high_freq_factor``, ``original_context_length``; Hugging Face's ``rope_type: "llama3"``, see
+    :meth:`inv_freq`); with ``scaling: "none"`` (the default) those four parameters are unused.
     """
 
-    def __init__(self, dims: ModelDims, *,
-                 theta: Annotated[float, Field(gt=1, description="rotation base (Llama 2: 10000)")] = 10000.0) -> None:
+    def __init__(
+        self,
+        dims: ModelDims,
+        *,
+        theta: Annotated[float, Field(gt=1, description="rotation base (Llama 2: 10000)")] = 10000.0,
+        scaling: Annotated[Literal["none", "llama3"], Field(
+            description="frequency scaling: none, or Llama 3.1's (the four parameters below)")] = "none",
+        factor: Annotated[float, Field(ge=1, le=1e6, description="llama3: low frequencies are divided by this")] = 8.0,
+        low_freq_factor: Annotated[float, Field(gt=0, le=1e6,
+                                                description="llama3: wavelengths above original/this are scaled")] = 1.0,
+        high_freq_factor: Annotated[float, Field(gt=0, le=1e6,
+                                                 description="llama3: wavelengths below original/this are kept")] = 4.0,
+        original_context_length: Annotated[int, Field(gt=0, le=2**24,
+                                                      description="llama3: the pre-training context length")] = 8192,
+    ) -> None:
         super().__init__()
+        problems = list(self.check_dims(dims, scaling=scaling, low_freq_factor=low_freq_factor,
+                                        high_freq_factor=high_freq_factor))
+        if problems:
+            raise ValueError("; ".join(problems))
         self.head_dim = dims.head_dim
         self.theta = theta
+        self.scaling = scaling
+        self.factor = factor
+        self.low_freq_factor = low_freq_factor
+        self.high_freq_factor = high_freq_factor
+        self.original_context_length = original_context_length
 
     @classmethod
     def check_dims(cls, dims: ModelDims, **params: Any) -> Iterable[str]:
+        problems = []
         if dims.head_dim % 2:
-            return [f"RoPE needs an even head size; emb_dim/n_heads = {dims.head_dim}"]
-        return ()
+            problems.append(f"RoPE needs an even head size; emb_dim/n_heads = {dims.head_dim}")
+        low, high = params.get("low_freq_factor", 1.0), params.get("high_freq_factor", 4.0)
+        if params.get("scaling") == "llama3" and not high > low:
+            problems.append(f"llama3 scaling needs high_freq_factor > low_freq_factor, got {high} and {low}")
+        return problems
+
+    def inv_freq(self, device: torch.device | None = None) -> Tensor:
+        """The ``head_dim / 2`` rotation frequencies θ^(−2i/d), float32, with the ``scaling`` applied.
+
+        ``llama3`` (Llama 3.1, as Hugging Face's ``rope_type: "llama3"``): with wavelength
+        λ = 2π/f and L = ``original_context_length``, frequencies with λ < L/high_freq_factor are
+        kept, those with λ > L/low_freq_factor are divided by ``factor``, and those between are
+        interpolated with weight s = (L/λ − low_freq_factor)/(high_freq_factor − low_freq_factor):
+        (1 − s)·f/factor + s·f.
+        """
+        d = self.head_dim
+        exponent = torch.arange(0, d, 2, device=device, dtype=torch.float32) / d
+        inv_freq = 1.0 / (self.theta ** exponent)
+        if self.scaling == "llama3":
+            inv_freq = self._llama3(inv_freq)
+        return inv_freq
+
+    def _llama3(self, inv_freq: Tensor) -> Tensor:
+        """Llama 3.1's frequency scaling of ``inv_freq`` (see :meth:`inv_freq`)."""
+        old = self.original_context_length
+        low_wavelen, high_wavelen = old / self.low_freq_factor, old / self.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / self.factor, inv_freq)
+        smooth = (old / wavelen - self.low_freq_factor) / (self.high_freq_factor - self.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / self.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(medium, smoothed, scaled)
 
     def cos_sin(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """cos and sin of the rotation angles, each ``(s, head_dim)`` float32 for ``positions: (s,)``."""
-        d = self.head_dim
-        exponent = torch.arange(0, d, 2, device=positions.device, dtype=torch.float32) / d
-        inv_freq = 1.0 / (self.theta ** exponent)
+        inv_freq = self.inv_freq(positions.device)
         angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
         angles = torch.cat((angles, angles), dim=-1)
         return angles.cos(), angles.sin()
@@ -65,7 +120,11 @@ class RoPE(Positional):
         return apply(q), apply(k)
 
     def extra_repr(self) -> str:
-        return f"head_dim={self.head_dim}, theta={self.theta}"
+        text = f"head_dim={self.head_dim}, theta={self.theta}"
+        if self.scaling == "llama3":
+            text += (f", scaling=llama3, factor={self.factor}, low_freq_factor={self.low_freq_factor}, "
+                     f"high_freq_factor={self.high_freq_factor}, original_context_length={self.original_context_length}")
+        return text
 
 
 def alibi_slopes(n_heads: int) -> list[float]:
