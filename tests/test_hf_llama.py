@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from modelkit import CheckpointError, build_model, load_spec
+from modelkit import CheckpointError, SpecError, build_model, load_spec
 from modelkit.cli import main as cli_main
 from modelkit.generation import generate
 from modelkit.introspect import count_parameters
@@ -232,3 +232,26 @@ def test_rope_llama3_frequencies_equal_transformers() -> None:
 
 def load_hf_spec_model(config: Any) -> nn.Module:
     return build_model(spec_from_config(config.to_dict()), device="meta")
+
+
+@pytest.mark.parametrize("rope, message", [
+    ({"factor": 32.0}, "factor only apply with scaling 'llama3'"),
+    ({"scaling": "llama3", "factor": 32.0}, "needs low_freq_factor, high_freq_factor, original_context_length"),
+    ({"scaling": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0,
+      "original_context_length": 64}, "high_freq_factor > low_freq_factor"),
+])
+def test_rope_scaling_parameters_are_never_silently_ignored(rope: dict[str, Any], message: str) -> None:
+    spec = load_spec(Path(__file__).parent.parent / "configs" / "llama-style.json").model_dump()
+    spec["positional"] = {"type": "llama.rope", **rope}
+    with pytest.raises(SpecError, match=message):
+        load_spec(spec)
+
+
+def test_load_hf_reads_gpt2_folders_as_gpt2(tmp_path: Path) -> None:
+    from modelkit.weights.hf import load_hf_gpt2
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=50, n_positions=16)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path)
+    ours, ref = load_hf(tmp_path), load_hf_gpt2(tmp_path)
+    assert ours.spec == ref.spec and ours.spec.positional.type == "learned"
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), ref.state_dict().values()))

@@ -33,8 +33,9 @@ class RoPE(Positional):
     only on m − n. Angles are computed for the positions given, in float32; no parameters, no buffers.
 
     ``scaling: "llama3"`` applies Llama 3.1's frequency scaling (``factor``, ``low_freq_factor``,
-    ``high_freq_factor``, ``original_context_length``; Hugging Face's ``rope_type: "llama3"``, see
-    :meth:`inv_freq`); with ``scaling: "none"`` (the default) those four parameters are unused.
+    ``high_freq_factor``, ``original_context_length``, all required then; Hugging Face's
+    ``rope_type: "llama3"``, see :meth:`inv_freq`); with ``scaling: "none"`` (the default) they must
+    be left out (null), so no scaling parameter is ever silently ignored.
     """
 
     def __init__(
@@ -43,18 +44,20 @@ class RoPE(Positional):
         *,
         theta: Annotated[float, Field(gt=1, description="rotation base (Llama 2: 10000)")] = 10000.0,
         scaling: Annotated[Literal["none", "llama3"], Field(
-            description="frequency scaling: none, or Llama 3.1's (the four parameters below)")] = "none",
-        factor: Annotated[float, Field(ge=1, le=1e6, description="llama3: low frequencies are divided by this")] = 8.0,
-        low_freq_factor: Annotated[float, Field(gt=0, le=1e6,
-                                                description="llama3: wavelengths above original/this are scaled")] = 1.0,
-        high_freq_factor: Annotated[float, Field(gt=0, le=1e6,
-                                                 description="llama3: wavelengths below original/this are kept")] = 4.0,
-        original_context_length: Annotated[int, Field(gt=0, le=2**24,
-                                                      description="llama3: the pre-training context length")] = 8192,
+            description="frequency scaling: none, or Llama 3.1's (needs the four parameters below)")] = "none",
+        factor: Annotated[float | None, Field(ge=1, le=1e6,
+                                              description="llama3: low frequencies are divided by this")] = None,
+        low_freq_factor: Annotated[float | None, Field(
+            gt=0, le=1e6, description="llama3: wavelengths above original/this are scaled")] = None,
+        high_freq_factor: Annotated[float | None, Field(
+            gt=0, le=1e6, description="llama3: wavelengths below original/this are kept")] = None,
+        original_context_length: Annotated[int | None, Field(
+            gt=0, le=2**24, description="llama3: the pre-training context length")] = None,
     ) -> None:
         super().__init__()
-        problems = list(self.check_dims(dims, scaling=scaling, low_freq_factor=low_freq_factor,
-                                        high_freq_factor=high_freq_factor))
+        scaling_params = dict(factor=factor, low_freq_factor=low_freq_factor, high_freq_factor=high_freq_factor,
+                              original_context_length=original_context_length)
+        problems = list(self.check_dims(dims, scaling=scaling, **scaling_params))
         if problems:
             raise ValueError("; ".join(problems))
         self.head_dim = dims.head_dim
@@ -65,14 +68,26 @@ class RoPE(Positional):
         self.high_freq_factor = high_freq_factor
         self.original_context_length = original_context_length
 
+    _SCALING_PARAMS = ("factor", "low_freq_factor", "high_freq_factor", "original_context_length")
+
     @classmethod
     def check_dims(cls, dims: ModelDims, **params: Any) -> Iterable[str]:
+        """An even head size; ``scaling: "llama3"`` with all four scaling parameters (high_freq_factor >
+        low_freq_factor), ``scaling: "none"`` with none of them (they would be silently unused)."""
         problems = []
         if dims.head_dim % 2:
             problems.append(f"RoPE needs an even head size; emb_dim/n_heads = {dims.head_dim}")
-        low, high = params.get("low_freq_factor", 1.0), params.get("high_freq_factor", 4.0)
-        if params.get("scaling") == "llama3" and not high > low:
-            problems.append(f"llama3 scaling needs high_freq_factor > low_freq_factor, got {high} and {low}")
+        given = [name for name in cls._SCALING_PARAMS if params.get(name) is not None]
+        if params.get("scaling", "none") == "none":
+            if given:
+                problems.append(f"{', '.join(given)} only apply with scaling 'llama3' (scaling is 'none')")
+            return problems
+        missing = [name for name in cls._SCALING_PARAMS if name not in given]
+        if missing:
+            problems.append(f"scaling 'llama3' needs {', '.join(missing)}")
+        elif not params["high_freq_factor"] > params["low_freq_factor"]:
+            problems.append(f"scaling 'llama3' needs high_freq_factor > low_freq_factor, got "
+                            f"{params['high_freq_factor']} and {params['low_freq_factor']}")
         return problems
 
     def inv_freq(self, device: torch.device | None = None) -> Tensor:
@@ -93,12 +108,13 @@ class RoPE(Positional):
 
     def _llama3(self, inv_freq: Tensor) -> Tensor:
         """Llama 3.1's frequency scaling of ``inv_freq`` (see :meth:`inv_freq`)."""
-        old = self.original_context_length
-        low_wavelen, high_wavelen = old / self.low_freq_factor, old / self.high_freq_factor
+        assert self.factor and self.low_freq_factor and self.high_freq_factor and self.original_context_length  # __init__ checked
+        old, factor, low, high = self.original_context_length, self.factor, self.low_freq_factor, self.high_freq_factor
+        low_wavelen, high_wavelen = old / low, old / high
         wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > low_wavelen, inv_freq / self.factor, inv_freq)
-        smooth = (old / wavelen - self.low_freq_factor) / (self.high_freq_factor - self.low_freq_factor)
-        smoothed = (1 - smooth) * scaled / self.factor + smooth * scaled
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
         return torch.where(medium, smoothed, scaled)
 
