@@ -16,6 +16,7 @@ from .weights.checkpoint import load_book_checkpoint, load_checkpoint, read_chec
 from .errors import CheckpointError, GenerationError, ModelkitError, PluginError, RegistryError, SpecError
 from .generation import generate, stream_generate
 from .weights.hf import export_hf_gpt2, load_hf_gpt2
+from .weights.hf_families import export_hf, load_hf
 from .introspect import count_parameters
 from .model import GPTModel
 from .registry import KINDS, SubComponent, get_registry, register, registries
@@ -29,4 +30,5 @@ __all__ = [
     "load_spec", "register", "registries", "__version__",
     "generate", "stream_generate",
     "save_checkpoint", "load_checkpoint", "read_checkpoint", "load_book_checkpoint", "load_hf_gpt2", "export_hf_gpt2",
+    "load_hf", "export_hf",
 ]

@@ -1,4 +1,4 @@
-"""``modelkit export-hf CHECKPOINT OUT_DIR``: a modelkit checkpoint -> a Hugging Face GPT-2 folder."""
+"""``modelkit export-hf CHECKPOINT OUT_DIR``: a modelkit checkpoint -> a Hugging Face folder (GPT-2 or Llama)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ from typing import Any
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("export-hf", help="write a modelkit checkpoint as a Hugging Face GPT-2 folder",
+    p = sub.add_parser("export-hf", help="write a modelkit checkpoint as a Hugging Face folder (GPT-2 or Llama)",
                        description="Write model.safetensors and config.json that "
-                                   "transformers.GPT2LMHeadModel.from_pretrained opens. Refuses models whose "
-                                   "components have no GPT-2 equivalent.")
+                                   "transformers.AutoModelForCausalLM.from_pretrained opens, as GPT-2 or Llama "
+                                   "by the model's parts. Refuses models whose components have no equivalent "
+                                   "in either family.")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a modelkit checkpoint (.safetensors)")
     p.add_argument("out_dir", metavar="OUT_DIR", help="the folder to write (created if needed)")
     p.set_defaults(func=run)
@@ -18,9 +19,9 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..weights.checkpoint import load_checkpoint, read_checkpoint
-    from ..weights.hf import export_hf_gpt2, hf_config_from_spec
+    from ..weights.hf_families import export_family_of, export_hf
 
-    hf_config_from_spec(read_checkpoint(args.checkpoint).spec)  # refuse before loading any weights
-    out = export_hf_gpt2(load_checkpoint(args.checkpoint), args.out_dir)
+    export_family_of(read_checkpoint(args.checkpoint).spec)  # refuse before loading any weights
+    out = export_hf(load_checkpoint(args.checkpoint), args.out_dir)
     print(f"wrote {out / 'model.safetensors'} and {out / 'config.json'}")
     return 0

@@ -1,4 +1,4 @@
-"""``modelkit import-hf DIR OUT``: a Hugging Face GPT-2 folder -> a modelkit checkpoint."""
+"""``modelkit import-hf DIR OUT``: a Hugging Face folder (GPT-2, Llama) -> a modelkit checkpoint."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bf
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("import-hf", help="convert a Hugging Face GPT-2 folder to a modelkit checkpoint",
-                       description="Read a Hugging Face GPT-2 folder (config.json with model.safetensors or "
-                                   "pytorch_model.bin, GPT2LMHeadModel or GPT2Model weights) and write a "
+    p = sub.add_parser("import-hf", help="convert a Hugging Face folder (GPT-2, Llama) to a modelkit checkpoint",
+                       description="Read a Hugging Face folder (config.json with model.safetensors or "
+                                   "pytorch_model.bin; model_type gpt2 or llama) and write a "
                                    "modelkit checkpoint (safetensors with the resolved spec).")
     p.add_argument("folder", metavar="DIR", help="the Hugging Face model folder")
     p.add_argument("output", metavar="OUT", help="the modelkit checkpoint to write (.safetensors)")
@@ -25,10 +25,10 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..weights.checkpoint import save_checkpoint
-    from ..weights.hf import load_hf_gpt2
+    from ..weights.hf_families import load_hf
     from ..introspect import count_parameters
 
-    model = load_hf_gpt2(args.folder, spec=args.spec, dtype=DTYPES[args.dtype] if args.dtype else None)
+    model = load_hf(args.folder, spec=args.spec, dtype=DTYPES[args.dtype] if args.dtype else None)
     save_checkpoint(model, args.output, metadata={"source": f"hf:{args.folder}"})
     count = count_parameters(model)
     print(f"wrote {args.output}: '{model.spec.name}', {count.total:,} parameters "

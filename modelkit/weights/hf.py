@@ -17,6 +17,10 @@ weight as ``(in, out)``, the transpose of ``nn.Linear``'s)::
 
 ``GPT2LMHeadModel`` keys carry a ``transformer.`` prefix, ``GPT2Model`` keys do not; both are read.
 The causal-mask buffers of old checkpoints (``h.N.attn.bias``, ``h.N.attn.masked_bias``) are ignored.
+
+The folder reading (:func:`load_mapped`), key-map rules (:class:`KeyRule`) and folder writing
+(:func:`write_hf_folder`) here are shared by the other families (:mod:`modelkit.weights.hf_families`,
+which dispatches on ``model_type``); this module imports none of them.
 """
 
 from __future__ import annotations
@@ -379,9 +383,7 @@ def load_hf_gpt2(folder: str | os.PathLike[str], *,
     :class:`CheckpointError` for unknown tensor names, a config modelkit cannot reproduce, or
     weights that do not fit the spec (listed with both shapes); no model is returned then.
     """
-    root = Path(folder)
-    if not root.is_dir():
-        raise CheckpointError(f"{root} is not a folder (expected a Hugging Face model folder with config.json)")
+    root = check_folder(folder)
     if spec is not None:
         resolved = load_spec(spec)
     else:
@@ -389,11 +391,32 @@ def load_hf_gpt2(folder: str | os.PathLike[str], *,
         if not cfg_path.exists():
             raise CheckpointError(f"cannot read {cfg_path}: no such file (or pass spec=)")
         resolved = spec_from_hf_config(_read_json(cfg_path), name=root.resolve().name or "gpt2", source=str(cfg_path))
+    return load_mapped(root, resolved, _gpt2_to_modelkit, "GPT-2", device=device, dtype=dtype)
+
+
+def _gpt2_to_modelkit(sources: Mapping[str, Any], spec: ModelSpec) -> tuple[dict[str, Any], list[str]]:
+    return map_hf_to_modelkit(sources, tie_embeddings=spec.tie_embeddings)
+
+
+def check_folder(folder: str | os.PathLike[str]) -> Path:
+    """``folder`` as a Path; raises :class:`CheckpointError` if it is not a folder."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise CheckpointError(f"{root} is not a folder (expected a Hugging Face model folder with config.json)")
+    return root
+
+
+def load_mapped(root: Path, resolved: ModelSpec,
+                to_modelkit: Callable[[Mapping[str, Any], ModelSpec], tuple[dict[str, Any], list[str]]], label: str,
+                *, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> GPTModel:
+    """The model ``resolved`` with the weights of the Hugging Face folder ``root``, renamed by
+    ``to_modelkit`` (a family's key map), in eval mode. Raises :class:`CheckpointError` naming the
+    tensors ``to_modelkit`` leaves unmatched ("not part of ``label``") or that do not fit the spec."""
     sources, where = _hf_sources(root)
-    mapped, unknown = map_hf_to_modelkit(sources, tie_embeddings=resolved.tie_embeddings)
+    mapped, unknown = to_modelkit(sources, resolved)
     if unknown:
         shown = ", ".join(unknown[:20]) + (f" ... and {len(unknown) - 20} more" if len(unknown) > 20 else "")
-        raise CheckpointError(f"{where}: tensors that are not part of GPT-2 ({len(unknown)}): {shown}")
+        raise CheckpointError(f"{where}: tensors that are not part of {label} ({len(unknown)}): {shown}")
     if dtype is not None and not dtype.is_floating_point:
         raise CheckpointError(f"dtype must be a floating point dtype, got {dtype}")
     target = _resolve_device(device)
@@ -460,13 +483,17 @@ def export_hf_gpt2(model: GPTModel, out_dir: str | os.PathLike[str]) -> Path:
     and then renamed over them. A failure (a full disk included) raises :class:`CheckpointError` with the path and the
     OS reason and leaves ``out_dir`` as it was, without temporary files.
     """
+    dtype = model.tok_emb.weight.dtype
+    return write_hf_folder(hf_config_from_spec(model.spec, dtype), modelkit_to_hf_state_dict(model), out_dir)
+
+
+def write_hf_folder(config: Mapping[str, Any], tensors: Mapping[str, Tensor], out_dir: str | os.PathLike[str]) -> Path:
+    """Write ``model.safetensors`` (``tensors``) and ``config.json`` (``config``) into ``out_dir``,
+    atomically as :func:`export_hf_gpt2` describes. Returns the folder."""
     from safetensors.torch import save_file
 
-    dtype = model.tok_emb.weight.dtype
-    config = hf_config_from_spec(model.spec, dtype)
-    tensors = modelkit_to_hf_state_dict(model)
     files: dict[str, Callable[[Path], None]] = {
-        "model.safetensors": lambda p: save_file(tensors, str(p), metadata={"format": "pt"}),
+        "model.safetensors": lambda p: save_file(dict(tensors), str(p), metadata={"format": "pt"}),
         "config.json": lambda p: write_bytes(p, (json.dumps(config, indent=2) + "\n").encode("utf-8")),
     }
     out = Path(out_dir)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import Field
@@ -31,25 +31,96 @@ class RoPE(Positional):
     Each head dimension pair (i, i + d/2) of the token at position m is rotated by the angle
     m·θ^(−2i/d) (the "rotate half" layout of GPT-NeoX and Hugging Face Llama), so q_m·k_n depends
     only on m − n. Angles are computed for the positions given, in float32; no parameters, no buffers.
+
+    ``scaling: "llama3"`` applies Llama 3.1's frequency scaling (``factor``, ``low_freq_factor``,
+    ``high_freq_factor``, ``original_context_length``, all required then; Hugging Face's
+    ``rope_type: "llama3"``, see :meth:`inv_freq`); with ``scaling: "none"`` (the default) they must
+    be left out (null), so no scaling parameter is ever silently ignored.
     """
 
-    def __init__(self, dims: ModelDims, *,
-                 theta: Annotated[float, Field(gt=1, description="rotation base (Llama 2: 10000)")] = 10000.0) -> None:
+    def __init__(
+        self,
+        dims: ModelDims,
+        *,
+        theta: Annotated[float, Field(gt=1, description="rotation base (Llama 2: 10000)")] = 10000.0,
+        scaling: Annotated[Literal["none", "llama3"], Field(
+            description="frequency scaling: none, or Llama 3.1's (needs the four parameters below)")] = "none",
+        factor: Annotated[float | None, Field(ge=1, le=1e6,
+                                              description="llama3: low frequencies are divided by this")] = None,
+        low_freq_factor: Annotated[float | None, Field(
+            gt=0, le=1e6, description="llama3: wavelengths above original/this are scaled")] = None,
+        high_freq_factor: Annotated[float | None, Field(
+            gt=0, le=1e6, description="llama3: wavelengths below original/this are kept")] = None,
+        original_context_length: Annotated[int | None, Field(
+            gt=0, le=2**24, description="llama3: the pre-training context length")] = None,
+    ) -> None:
         super().__init__()
+        scaling_params = dict(factor=factor, low_freq_factor=low_freq_factor, high_freq_factor=high_freq_factor,
+                              original_context_length=original_context_length)
+        problems = list(self.check_dims(dims, scaling=scaling, **scaling_params))
+        if problems:
+            raise ValueError("; ".join(problems))
         self.head_dim = dims.head_dim
         self.theta = theta
+        self.scaling = scaling
+        self.factor = factor
+        self.low_freq_factor = low_freq_factor
+        self.high_freq_factor = high_freq_factor
+        self.original_context_length = original_context_length
+
+    _SCALING_PARAMS = ("factor", "low_freq_factor", "high_freq_factor", "original_context_length")
 
     @classmethod
     def check_dims(cls, dims: ModelDims, **params: Any) -> Iterable[str]:
+        """An even head size; ``scaling: "llama3"`` with all four scaling parameters (high_freq_factor >
+        low_freq_factor), ``scaling: "none"`` with none of them (they would be silently unused)."""
+        problems = []
         if dims.head_dim % 2:
-            return [f"RoPE needs an even head size; emb_dim/n_heads = {dims.head_dim}"]
-        return ()
+            problems.append(f"RoPE needs an even head size; emb_dim/n_heads = {dims.head_dim}")
+        given = [name for name in cls._SCALING_PARAMS if params.get(name) is not None]
+        if params.get("scaling", "none") == "none":
+            if given:
+                problems.append(f"{', '.join(given)} only apply with scaling 'llama3' (scaling is 'none')")
+            return problems
+        missing = [name for name in cls._SCALING_PARAMS if name not in given]
+        if missing:
+            problems.append(f"scaling 'llama3' needs {', '.join(missing)}")
+        elif not params["high_freq_factor"] > params["low_freq_factor"]:
+            problems.append(f"scaling 'llama3' needs high_freq_factor > low_freq_factor, got "
+                            f"{params['high_freq_factor']} and {params['low_freq_factor']}")
+        return problems
+
+    def inv_freq(self, device: torch.device | None = None) -> Tensor:
+        """The ``head_dim / 2`` rotation frequencies θ^(−2i/d), float32, with the ``scaling`` applied.
+
+        ``llama3`` (Llama 3.1, as Hugging Face's ``rope_type: "llama3"``): with wavelength
+        λ = 2π/f and L = ``original_context_length``, frequencies with λ < L/high_freq_factor are
+        kept, those with λ > L/low_freq_factor are divided by ``factor``, and those between are
+        interpolated with weight s = (L/λ − low_freq_factor)/(high_freq_factor − low_freq_factor):
+        (1 − s)·f/factor + s·f.
+        """
+        d = self.head_dim
+        exponent = torch.arange(0, d, 2, device=device, dtype=torch.float32) / d
+        inv_freq = 1.0 / (self.theta ** exponent)
+        if self.scaling == "llama3":
+            inv_freq = self._llama3(inv_freq)
+        return inv_freq
+
+    def _llama3(self, inv_freq: Tensor) -> Tensor:
+        """Llama 3.1's frequency scaling of ``inv_freq`` (see :meth:`inv_freq`)."""
+        assert self.factor and self.low_freq_factor and self.high_freq_factor and self.original_context_length  # __init__ checked
+        old, factor, low, high = self.original_context_length, self.factor, self.low_freq_factor, self.high_freq_factor
+        low_wavelen, high_wavelen = old / low, old / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(medium, smoothed, scaled)
 
     def cos_sin(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """cos and sin of the rotation angles, each ``(s, head_dim)`` float32 for ``positions: (s,)``."""
-        d = self.head_dim
-        exponent = torch.arange(0, d, 2, device=positions.device, dtype=torch.float32) / d
-        inv_freq = 1.0 / (self.theta ** exponent)
+        inv_freq = self.inv_freq(positions.device)
         angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
         angles = torch.cat((angles, angles), dim=-1)
         return angles.cos(), angles.sin()
@@ -65,7 +136,11 @@ class RoPE(Positional):
         return apply(q), apply(k)
 
     def extra_repr(self) -> str:
-        return f"head_dim={self.head_dim}, theta={self.theta}"
+        text = f"head_dim={self.head_dim}, theta={self.theta}"
+        if self.scaling == "llama3":
+            text += (f", scaling=llama3, factor={self.factor}, low_freq_factor={self.low_freq_factor}, "
+                     f"high_freq_factor={self.high_freq_factor}, original_context_length={self.original_context_length}")
+        return text
 
 
 def alibi_slopes(n_heads: int) -> list[float]:

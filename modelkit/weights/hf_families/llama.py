@@ -1,0 +1,251 @@
+"""Llama (``model_type: "llama"``, ``LlamaForCausalLM``) as a spec of registered parts.
+
+The spec is the llama plugin's parts: ``llama.rope`` positions (``rope_theta``; ``rope_type``
+``"llama3"`` as the RoPE ``scaling`` parameters), ``llama.rmsnorm`` (``rms_norm_eps``),
+``llama.gqa`` attention (``num_key_value_heads``; ``attention_bias`` as ``qkv_bias`` and
+``out_bias``), ``llama.swiglu`` (``intermediate_size``, ``mlp_bias``), ``pre_norm`` blocks,
+``tie_embeddings`` from ``tie_word_embeddings`` (Llama's default: false), ``drop_rate`` 0.
+
+The key map is explicit (:data:`LLAMA_KEY_MAP`, per block ``model.layers.N``; every tensor is
+copied as stored, ``nn.Linear`` on both sides)::
+
+    model.embed_tokens.weight                        -> tok_emb.weight
+    model.layers.N.input_layernorm.weight            -> trf_blocks.N.norm1.weight
+    model.layers.N.self_attn.{q,k,v}_proj.weight/bias -> trf_blocks.N.att.W_{query,key,value}.weight/bias
+    model.layers.N.self_attn.o_proj.weight/bias      -> trf_blocks.N.att.out_proj.weight/bias
+    model.layers.N.post_attention_layernorm.weight   -> trf_blocks.N.norm2.weight
+    model.layers.N.mlp.{gate,up,down}_proj.weight/bias -> trf_blocks.N.ff.{gate,up,down}_proj.weight/bias
+    model.norm.weight                                -> final_norm.weight
+    lm_head.weight                                   -> out_head.weight  (absent or dropped when tied)
+
+Rotary ``inv_freq`` buffers of old checkpoints are ignored (modelkit computes them from the spec).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Annotated, Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from torch import Tensor
+
+from .base import HFFamily, rename, rename_back
+from ..hf import _HFSize, KeyRule, _json_type
+from ..safetensors_file import pydantic_lines
+from ...errors import CheckpointError, SpecError
+from ...spec import ModelSpec, validate_spec
+
+if TYPE_CHECKING:
+    from ...model import GPTModel
+
+_B = "model.layers.{i}."
+_M = "trf_blocks.{i}."
+
+
+def _rules() -> tuple[KeyRule, ...]:
+    rules = [KeyRule("model.embed_tokens.weight", ("tok_emb.weight",), "copy"),
+             KeyRule(_B + "input_layernorm.weight", (_M + "norm1.weight",), "copy"),
+             KeyRule(_B + "post_attention_layernorm.weight", (_M + "norm2.weight",), "copy")]
+    attention = {"q_proj": "W_query", "k_proj": "W_key", "v_proj": "W_value", "o_proj": "out_proj"}
+    for hf, mk in attention.items():
+        for p in ("weight", "bias"):
+            rules.append(KeyRule(f"{_B}self_attn.{hf}.{p}", (f"{_M}att.{mk}.{p}",), "copy"))
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        for p in ("weight", "bias"):
+            rules.append(KeyRule(f"{_B}mlp.{proj}.{p}", (f"{_M}ff.{proj}.{p}",), "copy"))
+    rules += [KeyRule("model.norm.weight", ("final_norm.weight",), "copy"),
+              KeyRule("lm_head.weight", ("out_head.weight",), "copy")]
+    return tuple(rules)
+
+
+LLAMA_KEY_MAP: tuple[KeyRule, ...] = _rules()
+_IGNORED = re.compile(r"^model\.(layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq$")
+
+_Eps = Annotated[float, Field(gt=0, lt=1)]
+_Factor = Annotated[float, Field(gt=0, le=1e6)]
+
+
+class _LlamaConfig(BaseModel):
+    """The ``config.json`` fields modelkit reads, with JSON's types (strict); others are ignored."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    vocab_size: _HFSize
+    hidden_size: _HFSize
+    intermediate_size: _HFSize
+    num_hidden_layers: _HFSize
+    num_attention_heads: _HFSize
+    num_key_value_heads: _HFSize | None = None
+    head_dim: _HFSize | None = None
+    max_position_embeddings: _HFSize = 2048
+    hidden_act: str = "silu"
+    rms_norm_eps: _Eps = 1e-6
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    rope_theta: Annotated[float, Field(gt=1)] | None = None
+    rope_scaling: dict[str, Any] | None = None
+    rope_parameters: dict[str, Any] | None = None
+
+
+class _Llama3Rope(BaseModel):
+    """The parameters of ``rope_type: "llama3"`` (all required)."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    factor: Annotated[float, Field(ge=1, le=1e6)]
+    low_freq_factor: _Factor
+    high_freq_factor: _Factor
+    original_max_position_embeddings: _HFSize
+
+
+def _rope(cfg: _LlamaConfig) -> tuple[dict[str, Any], list[str]]:
+    """The ``llama.rope`` reference of the config's RoPE fields, and the problems found.
+
+    Reads transformers 5's ``rope_parameters`` or the older top-level ``rope_theta`` /
+    ``rope_scaling``; ``rope_type`` ``default`` and ``llama3`` are supported, anything else refused.
+    """
+    if cfg.rope_parameters is not None and cfg.rope_scaling is not None and cfg.rope_parameters != cfg.rope_scaling:
+        return {}, ["rope_parameters and rope_scaling are both set and differ"]
+    field = "rope_parameters" if cfg.rope_parameters is not None else "rope_scaling"
+    params = dict(cfg.rope_parameters or cfg.rope_scaling or {})
+    theta = params.get("rope_theta", cfg.rope_theta)
+    if cfg.rope_theta is not None and theta != cfg.rope_theta:
+        return {}, [f"rope_theta {cfg.rope_theta} differs from {field}.rope_theta {theta}"]
+    if theta is None:
+        theta = 10000.0
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)):
+        return {}, [f"{field}.rope_theta: expected a number, got {_json_type(theta)}"]
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    ref: dict[str, Any] = {"type": "llama.rope", "theta": float(theta)}
+    if rope_type == "default":
+        return ref, []
+    if rope_type != "llama3":
+        return {}, [f"{field}.rope_type {rope_type!r} is not supported (supported: 'default', 'llama3')"]
+    try:
+        l3 = _Llama3Rope.model_validate(params)
+    except ValidationError as exc:
+        return {}, pydantic_lines(exc, field)[:20]
+    ref.update(scaling="llama3", factor=l3.factor, low_freq_factor=l3.low_freq_factor,
+               high_freq_factor=l3.high_freq_factor, original_context_length=l3.original_max_position_embeddings)
+    return ref, []
+
+
+def _problems(cfg: _LlamaConfig) -> list[str]:
+    """The features of a well-typed Llama config that the llama parts cannot reproduce."""
+    problems = []
+    if cfg.hidden_act != "silu":
+        problems.append(f"hidden_act {cfg.hidden_act!r} is not supported (llama.swiglu gates with 'silu')")
+    if cfg.hidden_size % cfg.num_attention_heads:
+        problems.append(f"hidden_size {cfg.hidden_size} is not divisible by num_attention_heads "
+                        f"{cfg.num_attention_heads}")
+    elif cfg.head_dim is not None and cfg.head_dim != cfg.hidden_size // cfg.num_attention_heads:
+        problems.append(f"head_dim {cfg.head_dim} differs from hidden_size / num_attention_heads = "
+                        f"{cfg.hidden_size // cfg.num_attention_heads} (modelkit's head size)")
+    return problems
+
+
+def spec_from_config(config: Mapping[str, Any], name: str = "llama", source: str = "config.json") -> ModelSpec:
+    """The modelkit spec of a Hugging Face ``LlamaForCausalLM`` ``config.json`` (see the module doc).
+
+    Raises :class:`CheckpointError` naming ``source`` and the field for a config that is not a Llama
+    config object, has malformed fields, or asks for what the parts cannot compute: a
+    ``hidden_act`` other than ``silu``, a ``head_dim`` other than ``hidden_size / num_attention_heads``,
+    a ``rope_type`` other than ``default``/``llama3``.
+    """
+    head = f"cannot build a modelkit spec from the Llama config {source}"
+    if not isinstance(config, Mapping):
+        raise CheckpointError(f"{head}: it must be a JSON object, got {_json_type(config)}")
+    if config.get("model_type") != "llama":
+        raise CheckpointError(f"{head}: model_type is {config.get('model_type')!r}, not 'llama'")
+    try:
+        cfg = _LlamaConfig.model_validate(dict(config))
+    except ValidationError as exc:
+        raise CheckpointError(f"{head}:\n  " + "\n  ".join(pydantic_lines(exc, "config")[:20])) from None
+    positional, rope_problems = _rope(cfg)
+    problems = _problems(cfg) + rope_problems
+    if problems:
+        raise CheckpointError(f"{head}: " + "; ".join(problems))
+    data = {
+        "name": name, "vocab_size": cfg.vocab_size, "context_length": cfg.max_position_embeddings,
+        "emb_dim": cfg.hidden_size, "n_heads": cfg.num_attention_heads, "n_layers": cfg.num_hidden_layers,
+        "drop_rate": 0.0, "qkv_bias": cfg.attention_bias, "tie_embeddings": cfg.tie_word_embeddings,
+        "positional": positional, "norm": {"type": "llama.rmsnorm", "eps": cfg.rms_norm_eps},
+        "attention": {"type": "llama.gqa", "num_kv_heads": cfg.num_key_value_heads or cfg.num_attention_heads,
+                      "out_bias": cfg.attention_bias},
+        "feedforward": {"type": "llama.swiglu", "hidden_dim": cfg.intermediate_size, "bias": cfg.mlp_bias},
+        "block": "pre_norm",
+    }
+    try:
+        return validate_spec(data, source)
+    except SpecError as exc:
+        raise CheckpointError(f"the Llama config {source} does not make a valid spec:\n{exc}") from None
+
+
+def to_modelkit(sources: Mapping[str, Any], spec: ModelSpec) -> tuple[dict[str, Any], list[str]]:
+    """The folder's tensors under modelkit names (:data:`LLAMA_KEY_MAP`), and the unmatched names.
+    ``lm_head.weight`` is dropped when the spec ties the head to the embedding."""
+    return rename(sources, LLAMA_KEY_MAP, ignored=_IGNORED, drop=("lm_head.weight",) if spec.tie_embeddings else ())
+
+
+def config_from_spec(spec: ModelSpec, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """The ``config.json`` of a ``LlamaForCausalLM`` equivalent to ``spec``.
+
+    Raises :class:`CheckpointError` naming every part with no Llama equivalent.
+    """
+    pos, norm, att, ff = spec.positional, spec.norm, spec.attention, spec.feedforward
+    problems = []
+    if pos.type != "llama.rope":
+        problems.append(f"positional '{pos.type}' (Llama uses llama.rope)")
+    if norm.type != "llama.rmsnorm":
+        problems.append(f"norm '{norm.type}' (Llama uses llama.rmsnorm)")
+    if att.type != "llama.gqa":
+        problems.append(f"attention '{att.type}' (Llama uses llama.gqa)")
+    elif bool(att.params.get("out_bias")) != spec.qkv_bias:
+        problems.append("attention out_bias differs from qkv_bias (Llama's attention_bias sets both)")
+    if ff.type != "llama.swiglu":
+        problems.append(f"feedforward '{ff.type}' (Llama uses llama.swiglu)")
+    if spec.block.type != "pre_norm":
+        problems.append(f"block '{spec.block.type}' (Llama blocks are pre_norm)")
+    if problems:
+        raise CheckpointError(f"the model '{spec.name}' has no Llama equivalent; these parts differ:\n  "
+                              + "\n  ".join(problems))
+    hidden = ff.params.get("hidden_dim") or _default_hidden(spec.emb_dim, ff.params.get("multiple_of", 256))
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": pos.params.get("theta", 10000.0)}
+    if pos.params.get("scaling") == "llama3":
+        rope.update(rope_type="llama3", factor=pos.params["factor"], low_freq_factor=pos.params["low_freq_factor"],
+                    high_freq_factor=pos.params["high_freq_factor"],
+                    original_max_position_embeddings=pos.params["original_context_length"])
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": spec.vocab_size, "max_position_embeddings": spec.context_length,
+        "hidden_size": spec.emb_dim, "intermediate_size": hidden, "num_hidden_layers": spec.n_layers,
+        "num_attention_heads": spec.n_heads, "num_key_value_heads": att.params.get("num_kv_heads") or spec.n_heads,
+        "head_dim": spec.emb_dim // spec.n_heads, "hidden_act": "silu",
+        "rms_norm_eps": norm.params.get("eps", 1e-5), "tie_word_embeddings": spec.tie_embeddings,
+        "attention_bias": spec.qkv_bias, "attention_dropout": spec.drop_rate,
+        "mlp_bias": bool(ff.params.get("bias", False)), "rope_parameters": rope,
+        "initializer_range": 0.02, "use_cache": True, "dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def _default_hidden(emb_dim: int, multiple_of: int) -> int:
+    """llama.swiglu's default hidden size: ⌊8·emb_dim/3⌋ rounded up to a multiple of ``multiple_of``."""
+    return multiple_of * math.ceil(int(8 * emb_dim / 3) / multiple_of)
+
+
+def to_hf(model: GPTModel) -> dict[str, Tensor]:
+    """The ``LlamaForCausalLM`` state dict of a model :func:`config_from_spec` accepts
+    (``lm_head.weight`` only when the head is not tied)."""
+    config_from_spec(model.spec)
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    if model.spec.tie_embeddings:
+        state.pop("out_head.weight", None)
+    return {k: v.cpu().contiguous() for k, v in rename_back(state, LLAMA_KEY_MAP).items()}
+
+
+LLAMA = HFFamily(model_type="llama", label="Llama", spec_from_config=spec_from_config, to_modelkit=to_modelkit,
+                 config_from_spec=config_from_spec, to_hf=to_hf)
