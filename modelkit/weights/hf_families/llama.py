@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Annotated, Any
 
 import torch
@@ -102,11 +102,12 @@ class _Llama3Rope(BaseModel):
     original_max_position_embeddings: _HFSize
 
 
-def _rope(cfg: _LlamaConfig) -> tuple[dict[str, Any], list[str]]:
+def _rope(cfg: _LlamaConfig, rope_types: tuple[str, ...] = ("default", "llama3")) -> tuple[dict[str, Any], list[str]]:
     """The ``llama.rope`` reference of the config's RoPE fields, and the problems found.
 
     Reads transformers 5's ``rope_parameters`` or the older top-level ``rope_theta`` /
-    ``rope_scaling``; ``rope_type`` ``default`` and ``llama3`` are supported, anything else refused.
+    ``rope_scaling``; a ``rope_type`` among ``rope_types`` (``default``, ``llama3``) is supported,
+    anything else refused.
     """
     if cfg.rope_parameters is not None and cfg.rope_scaling is not None and cfg.rope_parameters != cfg.rope_scaling:
         return {}, ["rope_parameters and rope_scaling are both set and differ"]
@@ -121,10 +122,11 @@ def _rope(cfg: _LlamaConfig) -> tuple[dict[str, Any], list[str]]:
         return {}, [f"{field}.rope_theta: expected a number, got {_json_type(theta)}"]
     rope_type = params.get("rope_type", params.get("type", "default"))
     ref: dict[str, Any] = {"type": "llama.rope", "theta": float(theta)}
+    if rope_type not in rope_types:
+        supported = ", ".join(repr(t) for t in rope_types)
+        return {}, [f"{field}.rope_type {rope_type!r} is not supported (supported: {supported})"]
     if rope_type == "default":
         return ref, []
-    if rope_type != "llama3":
-        return {}, [f"{field}.rope_type {rope_type!r} is not supported (supported: 'default', 'llama3')"]
     try:
         l3 = _Llama3Rope.model_validate(params)
     except ValidationError as exc:
@@ -148,6 +150,43 @@ def _problems(cfg: _LlamaConfig) -> list[str]:
     return problems
 
 
+def _read_config(config: Mapping[str, Any], source: str, model_type: str, label: str,
+                 schema: type[_LlamaConfig] = _LlamaConfig) -> _LlamaConfig:
+    """``config`` validated with ``schema`` as a ``model_type`` config; raises :class:`CheckpointError`
+    naming ``source`` and the field if it is not a JSON object of that ``model_type`` or a field is malformed."""
+    head = f"cannot build a modelkit spec from the {label} config {source}"
+    if not isinstance(config, Mapping):
+        raise CheckpointError(f"{head}: it must be a JSON object, got {_json_type(config)}")
+    if config.get("model_type") != model_type:
+        raise CheckpointError(f"{head}: model_type is {config.get('model_type')!r}, not {model_type!r}")
+    try:
+        return schema.model_validate(dict(config))
+    except ValidationError as exc:
+        raise CheckpointError(f"{head}:\n  " + "\n  ".join(pydantic_lines(exc, "config")[:20])) from None
+
+
+def _build_spec(cfg: _LlamaConfig, name: str, source: str, label: str, positional: dict[str, Any],
+                problems: list[str], *, qkv_bias: bool, out_bias: bool, mlp_bias: bool) -> ModelSpec:
+    """The spec of llama parts for a validated config, or :class:`CheckpointError` listing ``problems``
+    (naming ``source``) if there are any, or if the result is not a valid spec."""
+    if problems:
+        raise CheckpointError(f"cannot build a modelkit spec from the {label} config {source}: " + "; ".join(problems))
+    data = {
+        "name": name, "vocab_size": cfg.vocab_size, "context_length": cfg.max_position_embeddings,
+        "emb_dim": cfg.hidden_size, "n_heads": cfg.num_attention_heads, "n_layers": cfg.num_hidden_layers,
+        "drop_rate": 0.0, "qkv_bias": qkv_bias, "tie_embeddings": cfg.tie_word_embeddings,
+        "positional": positional, "norm": {"type": "llama.rmsnorm", "eps": cfg.rms_norm_eps},
+        "attention": {"type": "llama.gqa", "num_kv_heads": cfg.num_key_value_heads or cfg.num_attention_heads,
+                      "out_bias": out_bias},
+        "feedforward": {"type": "llama.swiglu", "hidden_dim": cfg.intermediate_size, "bias": mlp_bias},
+        "block": "pre_norm",
+    }
+    try:
+        return validate_spec(data, source)
+    except SpecError as exc:
+        raise CheckpointError(f"the {label} config {source} does not make a valid spec:\n{exc}") from None
+
+
 def spec_from_config(config: Mapping[str, Any], name: str = "llama", source: str = "config.json") -> ModelSpec:
     """The modelkit spec of a Hugging Face ``LlamaForCausalLM`` ``config.json`` (see the module doc).
 
@@ -156,63 +195,56 @@ def spec_from_config(config: Mapping[str, Any], name: str = "llama", source: str
     ``hidden_act`` other than ``silu``, a ``head_dim`` other than ``hidden_size / num_attention_heads``,
     a ``rope_type`` other than ``default``/``llama3``.
     """
-    head = f"cannot build a modelkit spec from the Llama config {source}"
-    if not isinstance(config, Mapping):
-        raise CheckpointError(f"{head}: it must be a JSON object, got {_json_type(config)}")
-    if config.get("model_type") != "llama":
-        raise CheckpointError(f"{head}: model_type is {config.get('model_type')!r}, not 'llama'")
-    try:
-        cfg = _LlamaConfig.model_validate(dict(config))
-    except ValidationError as exc:
-        raise CheckpointError(f"{head}:\n  " + "\n  ".join(pydantic_lines(exc, "config")[:20])) from None
+    cfg = _read_config(config, source, "llama", "Llama")
     positional, rope_problems = _rope(cfg)
-    problems = _problems(cfg) + rope_problems
-    if problems:
-        raise CheckpointError(f"{head}: " + "; ".join(problems))
-    data = {
-        "name": name, "vocab_size": cfg.vocab_size, "context_length": cfg.max_position_embeddings,
-        "emb_dim": cfg.hidden_size, "n_heads": cfg.num_attention_heads, "n_layers": cfg.num_hidden_layers,
-        "drop_rate": 0.0, "qkv_bias": cfg.attention_bias, "tie_embeddings": cfg.tie_word_embeddings,
-        "positional": positional, "norm": {"type": "llama.rmsnorm", "eps": cfg.rms_norm_eps},
-        "attention": {"type": "llama.gqa", "num_kv_heads": cfg.num_key_value_heads or cfg.num_attention_heads,
-                      "out_bias": cfg.attention_bias},
-        "feedforward": {"type": "llama.swiglu", "hidden_dim": cfg.intermediate_size, "bias": cfg.mlp_bias},
-        "block": "pre_norm",
-    }
-    try:
-        return validate_spec(data, source)
-    except SpecError as exc:
-        raise CheckpointError(f"the Llama config {source} does not make a valid spec:\n{exc}") from None
+    return _build_spec(cfg, name, source, "Llama", positional, _problems(cfg) + rope_problems,
+                       qkv_bias=cfg.attention_bias, out_bias=cfg.attention_bias, mlp_bias=cfg.mlp_bias)
 
 
 def to_modelkit(sources: Mapping[str, Any], spec: ModelSpec) -> tuple[dict[str, Any], list[str]]:
     """The folder's tensors under modelkit names (:data:`LLAMA_KEY_MAP`), and the unmatched names.
     ``lm_head.weight`` is dropped when the spec ties the head to the embedding."""
-    return rename(sources, LLAMA_KEY_MAP, ignored=_IGNORED, drop=("lm_head.weight",) if spec.tie_embeddings else ())
+    return _rename_folder(sources, spec, LLAMA_KEY_MAP)
 
 
-def config_from_spec(spec: ModelSpec, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """The ``config.json`` of a ``LlamaForCausalLM`` equivalent to ``spec``.
+def _rename_folder(sources: Mapping[str, Any], spec: ModelSpec,
+                   key_map: tuple[KeyRule, ...]) -> tuple[dict[str, Any], list[str]]:
+    """``sources`` renamed by ``key_map`` (rotary buffers ignored, ``lm_head.weight`` dropped when
+    ``spec`` ties the head), and the unmatched names."""
+    return rename(sources, key_map, ignored=_IGNORED, drop=("lm_head.weight",) if spec.tie_embeddings else ())
 
-    Raises :class:`CheckpointError` naming every part with no Llama equivalent.
-    """
+
+def _part_problems(spec: ModelSpec, label: str,
+                   gqa_check: Callable[[ModelSpec], str | None] | None = None) -> list[str]:
+    """The parts of ``spec`` that are not the llama parts a ``label`` model is made of; with
+    ``gqa_check``, also its problem (if any) with a ``llama.gqa`` attention, listed after it."""
     pos, norm, att, ff = spec.positional, spec.norm, spec.attention, spec.feedforward
     problems = []
     if pos.type != "llama.rope":
-        problems.append(f"positional '{pos.type}' (Llama uses llama.rope)")
+        problems.append(f"positional '{pos.type}' ({label} uses llama.rope)")
     if norm.type != "llama.rmsnorm":
-        problems.append(f"norm '{norm.type}' (Llama uses llama.rmsnorm)")
+        problems.append(f"norm '{norm.type}' ({label} uses llama.rmsnorm)")
     if att.type != "llama.gqa":
-        problems.append(f"attention '{att.type}' (Llama uses llama.gqa)")
-    elif bool(att.params.get("out_bias")) != spec.qkv_bias:
-        problems.append("attention out_bias differs from qkv_bias (Llama's attention_bias sets both)")
+        problems.append(f"attention '{att.type}' ({label} uses llama.gqa)")
+    elif gqa_check is not None and (problem := gqa_check(spec)) is not None:
+        problems.append(problem)
     if ff.type != "llama.swiglu":
-        problems.append(f"feedforward '{ff.type}' (Llama uses llama.swiglu)")
+        problems.append(f"feedforward '{ff.type}' ({label} uses llama.swiglu)")
     if spec.block.type != "pre_norm":
-        problems.append(f"block '{spec.block.type}' (Llama blocks are pre_norm)")
+        problems.append(f"block '{spec.block.type}' ({label} blocks are pre_norm)")
+    return problems
+
+
+def _refuse(spec: ModelSpec, label: str, problems: list[str]) -> None:
+    """Raise :class:`CheckpointError` listing ``problems`` if there are any."""
     if problems:
-        raise CheckpointError(f"the model '{spec.name}' has no Llama equivalent; these parts differ:\n  "
+        raise CheckpointError(f"the model '{spec.name}' has no {label} equivalent; these parts differ:\n  "
                               + "\n  ".join(problems))
+
+
+def _hf_fields(spec: ModelSpec, dtype: torch.dtype) -> dict[str, Any]:
+    """The ``config.json`` fields Llama-style families share, for a spec :func:`_part_problems` accepts."""
+    pos, norm, att, ff = spec.positional, spec.norm, spec.attention, spec.feedforward
     hidden = ff.params.get("hidden_dim") or _default_hidden(spec.emb_dim, ff.params.get("multiple_of", 256))
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": pos.params.get("theta", 10000.0)}
     if pos.params.get("scaling") == "llama3":
@@ -220,16 +252,32 @@ def config_from_spec(spec: ModelSpec, dtype: torch.dtype = torch.float32) -> dic
                     high_freq_factor=pos.params["high_freq_factor"],
                     original_max_position_embeddings=pos.params["original_context_length"])
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "vocab_size": spec.vocab_size, "max_position_embeddings": spec.context_length,
         "hidden_size": spec.emb_dim, "intermediate_size": hidden, "num_hidden_layers": spec.n_layers,
         "num_attention_heads": spec.n_heads, "num_key_value_heads": att.params.get("num_kv_heads") or spec.n_heads,
         "head_dim": spec.emb_dim // spec.n_heads, "hidden_act": "silu",
         "rms_norm_eps": norm.params.get("eps", 1e-5), "tie_word_embeddings": spec.tie_embeddings,
-        "attention_bias": spec.qkv_bias, "attention_dropout": spec.drop_rate,
-        "mlp_bias": bool(ff.params.get("bias", False)), "rope_parameters": rope,
+        "attention_dropout": spec.drop_rate, "rope_parameters": rope,
         "initializer_range": 0.02, "use_cache": True, "dtype": str(dtype).removeprefix("torch."),
     }
+
+
+def _llama_biases(spec: ModelSpec) -> str | None:
+    """Why ``spec``'s attention biases have no Llama ``attention_bias`` (which sets all four), or None."""
+    if bool(spec.attention.params.get("out_bias")) != spec.qkv_bias:
+        return "attention out_bias differs from qkv_bias (Llama's attention_bias sets both)"
+    return None
+
+
+def config_from_spec(spec: ModelSpec, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """The ``config.json`` of a ``LlamaForCausalLM`` equivalent to ``spec``.
+
+    Raises :class:`CheckpointError` naming every part with no Llama equivalent.
+    """
+    _refuse(spec, "Llama", _part_problems(spec, "Llama", _llama_biases))
+    fields = _hf_fields(spec, dtype)
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **fields,
+            "attention_bias": spec.qkv_bias, "mlp_bias": bool(spec.feedforward.params.get("bias", False))}
 
 
 def _default_hidden(emb_dim: int, multiple_of: int) -> int:
@@ -237,14 +285,19 @@ def _default_hidden(emb_dim: int, multiple_of: int) -> int:
     return multiple_of * math.ceil(int(8 * emb_dim / 3) / multiple_of)
 
 
+def _state_to_hf(model: GPTModel, key_map: tuple[KeyRule, ...]) -> dict[str, Tensor]:
+    """``model``'s state dict under ``key_map``'s HF names, on CPU (the tied head left out)."""
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    if model.spec.tie_embeddings:
+        state.pop("out_head.weight", None)
+    return {k: v.cpu().contiguous() for k, v in rename_back(state, key_map).items()}
+
+
 def to_hf(model: GPTModel) -> dict[str, Tensor]:
     """The ``LlamaForCausalLM`` state dict of a model :func:`config_from_spec` accepts
     (``lm_head.weight`` only when the head is not tied)."""
     config_from_spec(model.spec)
-    state = {k: v.detach() for k, v in model.state_dict().items()}
-    if model.spec.tie_embeddings:
-        state.pop("out_head.weight", None)
-    return {k: v.cpu().contiguous() for k, v in rename_back(state, LLAMA_KEY_MAP).items()}
+    return _state_to_hf(model, LLAMA_KEY_MAP)
 
 
 LLAMA = HFFamily(model_type="llama", label="Llama", spec_from_config=spec_from_config, to_modelkit=to_modelkit,
