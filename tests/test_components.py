@@ -13,7 +13,7 @@ from book_reference import MultiHeadAttention as BookMHA
 from book_reference import TransformerBlock as BookBlock
 from conftest import tiny_cfg
 
-from modelkit import load_spec
+from modelkit import SpecError, build_model, load_spec
 from modelkit.components.build import SpecBlockParts, build_component
 from modelkit.components.kernels import attention_kernel_names, get_attention_kernel
 from modelkit.spec import ComponentSpec
@@ -163,6 +163,32 @@ def test_learned_positional_is_initialised_like_the_books_embedding():
     assert torch.equal(pos.weight, emb.weight)
     positions = torch.tensor([3, 0, 15])
     assert torch.equal(pos.embedding(positions), emb(positions))
+
+
+def test_learned_positional_offset_zero_is_the_default_and_the_books_table():
+    torch.manual_seed(123)
+    default = make("positional", "learned")
+    torch.manual_seed(123)
+    zero = make("positional", {"type": "learned", "offset": 0})
+    assert load_spec(dict(tiny_cfg(), positional="learned")).positional.params == {"offset": 0}
+    assert zero.weight.shape == (16, 32) and torch.equal(zero.weight, default.weight)
+    positions = torch.arange(16)
+    assert torch.equal(zero.embedding(positions), default.weight[positions])
+
+
+def test_learned_positional_offset_reads_rows_after_the_reserved_ones():
+    pos = make("positional", {"type": "learned", "offset": 2})  # OPT's table
+    assert pos.weight.shape == (16 + 2, 32)
+    positions = torch.tensor([0, 5, 15])
+    assert torch.equal(pos.embedding(positions), pos.weight[positions + 2])
+    model = build_model(dict(tiny_cfg(), positional={"type": "learned", "offset": 2}))
+    assert model.pos_emb.weight.shape == (18, 32)
+
+
+@pytest.mark.parametrize("offset", [-1, 1025, 1.5, True])
+def test_learned_positional_offset_is_validated(offset):
+    with pytest.raises(SpecError, match="offset"):
+        load_spec(dict(tiny_cfg(), positional={"type": "learned", "offset": offset}))
 
 
 def test_sinusoidal_positional_matches_vaswani_by_hand():

@@ -108,6 +108,7 @@ def test_a_hook_added_after_optimizing_fires_during_generate() -> None:
 @pytest.mark.parametrize(("overrides", "part"), [
     ({"block": "post_norm"}, "trf_blocks.0 is PostNormBlock"),
     ({"positional": "sinusoidal"}, "positional is SinusoidalPositional"),
+    ({"positional": {"type": "learned", "offset": 2}}, "learned positions have offset 2"),
     ({"attention": {"type": "mha", "backend": "eager"}}, "trf_blocks.0.att is not mha with the sdpa backend"),
 ])
 def test_another_composition_is_refused_with_the_part_that_differs(overrides, part) -> None:

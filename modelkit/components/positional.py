@@ -12,22 +12,30 @@ from torch import Tensor, nn
 from ..registry import register
 from .base import ModelDims, Positional
 
+MAX_OFFSET = 1024  # reserved rows of a learned table at most (OPT uses 2)
+
 
 @register("positional", "learned")
 class LearnedPositional(Positional):
     """Absolute learned position embeddings (the book's ``pos_emb``), added to the token embeddings.
 
-    A ``(context_length, emb_dim)`` table initialised N(0, 1) like ``nn.Embedding``; its parameter is
-    ``pos_emb.weight`` in the model, as in the book.
+    A ``(context_length + offset, emb_dim)`` table initialised N(0, 1) like ``nn.Embedding``; its
+    parameter is ``pos_emb.weight`` in the model, as in the book. Position ``p`` reads row
+    ``p + offset``: ``offset`` 0 (the default) is the book's table; OPT's reserves 2 leading rows
+    (``offset: 2``), which no position reads.
     """
 
-    def __init__(self, dims: ModelDims) -> None:
+    def __init__(self, dims: ModelDims, *,
+                 offset: Annotated[int, Field(ge=0, le=MAX_OFFSET, description=(
+                     "rows before position 0's (OPT: 2); the table has context_length + offset rows"))] = 0) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(dims.context_length, dims.emb_dim))
+        self.offset = offset
+        self.weight = nn.Parameter(torch.empty(dims.context_length + offset, dims.emb_dim))
         nn.init.normal_(self.weight)
 
     def embedding(self, positions: Tensor) -> Tensor:
-        return self.weight[positions]
+        """Rows ``positions + offset`` of the table, ``(len(positions), emb_dim)``."""
+        return self.weight[positions + self.offset] if self.offset else self.weight[positions]
 
 
 @register("positional", "sinusoidal")

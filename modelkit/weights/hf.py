@@ -218,6 +218,8 @@ def hf_config_from_spec(spec: ModelSpec, dtype: torch.dtype = torch.float32) -> 
     problems = []
     if spec.positional.type != "learned":
         problems.append(f"positional '{spec.positional.type}' (GPT-2 has learned absolute positions: 'learned')")
+    elif spec.positional.params.get("offset", 0):
+        problems.append(f"positional offset {spec.positional.params['offset']} (GPT-2's wpe has no offset: 0)")
     if spec.norm.type != "layernorm" or not spec.norm.params.get("bias", True):
         problems.append(f"norm {spec.norm.model_dump()} (GPT-2 uses layernorm with a shift)")
     att = spec.attention

@@ -9,7 +9,7 @@ it because of the cold caches, where 90% of the bound leaves ~0.9 ms.
 :func:`native_step` returns the model's forward as one C++ call per token
 (``decode_step.cpp`` beside this module) when the model is exactly the composition it implements:
 
-- learned positions, pre-norm blocks, LayerNorm norms, multi-head attention with the ``sdpa``
+- learned positions (offset 0), pre-norm blocks, LayerNorm norms, multi-head attention with the ``sdpa``
   backend and its q/k/v stacked into one matrix, the MLP feed-forward with its activation fused
   into the first matmul, a final LayerNorm and the head, all on oneDNN (what ``optimize_for_inference``
   makes of the GPT-2 specs);
@@ -103,6 +103,8 @@ def _layout(model: nn.Module) -> tuple[list[Tensor | None], list[float], int, st
         return f"{hooked} has hooks"
     if type(model.pos_emb) is not LearnedPositional:
         return f"positional is {type(model.pos_emb).__name__}, not learned"
+    if model.pos_emb.offset:
+        return f"learned positions have offset {model.pos_emb.offset} (the native step reads rows from 0)"
     emb = model.tok_emb
     if type(emb) is not nn.Embedding or emb.max_norm is not None:
         return "the token embedding is not a plain nn.Embedding"

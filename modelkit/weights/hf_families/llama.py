@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -64,6 +64,7 @@ def _rules() -> tuple[KeyRule, ...]:
 LLAMA_KEY_MAP: tuple[KeyRule, ...] = _rules()
 _IGNORED = re.compile(r"^model\.(layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq$")
 
+_Schema = TypeVar("_Schema", bound=BaseModel)
 _Eps = Annotated[float, Field(gt=0, lt=1)]
 _Factor = Annotated[float, Field(gt=0, le=1e6)]
 
@@ -151,7 +152,7 @@ def _problems(cfg: _LlamaConfig) -> list[str]:
 
 
 def _read_config(config: Mapping[str, Any], source: str, model_type: str, label: str,
-                 schema: type[_LlamaConfig] = _LlamaConfig) -> _LlamaConfig:
+                 schema: type[_Schema]) -> _Schema:
     """``config`` validated with ``schema`` as a ``model_type`` config; raises :class:`CheckpointError`
     naming ``source`` and the field if it is not a JSON object of that ``model_type`` or a field is malformed."""
     head = f"cannot build a modelkit spec from the {label} config {source}"
@@ -195,7 +196,7 @@ def spec_from_config(config: Mapping[str, Any], name: str = "llama", source: str
     ``hidden_act`` other than ``silu``, a ``head_dim`` other than ``hidden_size / num_attention_heads``,
     a ``rope_type`` other than ``default``/``llama3``.
     """
-    cfg = _read_config(config, source, "llama", "Llama")
+    cfg = _read_config(config, source, "llama", "Llama", _LlamaConfig)
     positional, rope_problems = _rope(cfg)
     return _build_spec(cfg, name, source, "Llama", positional, _problems(cfg) + rope_problems,
                        qkv_bias=cfg.attention_bias, out_bias=cfg.attention_bias, mlp_bias=cfg.mlp_bias)
