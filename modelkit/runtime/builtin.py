@@ -98,7 +98,8 @@ def parallel_block_step(block: ParallelBlock) -> Step | None:
     if step_of(block.drop_shortcut) is not identity_step:
         return None
     wire, parts = block.wire, (step_of(block.att), step_of(block.ff), step_of(block.norm1))
-    return lambda x, ctx=None: wire(x, ctx, *parts, identity_step)
+    norm2 = None if block.shared_norm else step_of(block.norm2)
+    return lambda x, ctx=None: wire(x, ctx, *parts, identity_step, norm2)
 
 
 @register_step(GPTModel)

@@ -53,14 +53,19 @@ class RoPE(Positional):
             gt=0, le=1e6, description="llama3: wavelengths below original/this are kept")] = None,
         original_context_length: Annotated[int | None, Field(
             gt=0, le=2**24, description="llama3: the pre-training context length")] = None,
+        rotary_fraction: Annotated[float, Field(
+            gt=0, le=1, description="rotate the first int(head_dim * this) dims of each head, pass the rest "
+                                    "(GPT-NeoX's rotary_pct)")] = 1.0,
     ) -> None:
         super().__init__()
         scaling_params = dict(factor=factor, low_freq_factor=low_freq_factor, high_freq_factor=high_freq_factor,
                               original_context_length=original_context_length)
-        problems = list(self.check_dims(dims, scaling=scaling, **scaling_params))
+        problems = list(self.check_dims(dims, scaling=scaling, rotary_fraction=rotary_fraction, **scaling_params))
         if problems:
             raise ValueError("; ".join(problems))
         self.head_dim = dims.head_dim
+        self.rotary_fraction = rotary_fraction
+        self.rotary_dims = int(dims.head_dim * rotary_fraction)
         self.theta = theta
         self.scaling = scaling
         self.factor = factor
@@ -72,11 +77,16 @@ class RoPE(Positional):
 
     @classmethod
     def check_dims(cls, dims: ModelDims, **params: Any) -> Iterable[str]:
-        """An even head size; ``scaling: "llama3"`` with all four scaling parameters (high_freq_factor >
+        """An even head size (and an even number >= 2 of rotated dims); ``scaling: "llama3"`` with all four scaling parameters (high_freq_factor >
         low_freq_factor), ``scaling: "none"`` with none of them (they would be silently unused)."""
         problems = []
         if dims.head_dim % 2:
             problems.append(f"RoPE needs an even head size; emb_dim/n_heads = {dims.head_dim}")
+        fraction = params.get("rotary_fraction", 1.0)
+        rotary_dims = int(dims.head_dim * fraction)
+        if fraction != 1.0 and (rotary_dims < 2 or rotary_dims % 2):
+            problems.append(f"rotary_fraction {fraction} rotates int({dims.head_dim} * {fraction}) = {rotary_dims} "
+                            "dims of each head; RoPE needs an even number, at least 2")
         given = [name for name in cls._SCALING_PARAMS if params.get(name) is not None]
         if params.get("scaling", "none") == "none":
             if given:
@@ -91,7 +101,8 @@ class RoPE(Positional):
         return problems
 
     def inv_freq(self, device: torch.device | None = None) -> Tensor:
-        """The ``head_dim / 2`` rotation frequencies θ^(−2i/d), float32, with the ``scaling`` applied.
+        """The ``rotary_dims / 2`` rotation frequencies θ^(−2i/d), d = ``rotary_dims`` (``head_dim`` unless
+        ``rotary_fraction`` < 1, as GPT-NeoX's ``rotary_ndims``), float32, with the ``scaling`` applied.
 
         ``llama3`` (Llama 3.1, as Hugging Face's ``rope_type: "llama3"``): with wavelength
         λ = 2π/f and L = ``original_context_length``, frequencies with λ < L/high_freq_factor are
@@ -99,7 +110,7 @@ class RoPE(Positional):
         interpolated with weight s = (L/λ − low_freq_factor)/(high_freq_factor − low_freq_factor):
         (1 − s)·f/factor + s·f.
         """
-        d = self.head_dim
+        d = self.rotary_dims
         exponent = torch.arange(0, d, 2, device=device, dtype=torch.float32) / d
         inv_freq = 1.0 / (self.theta ** exponent)
         if self.scaling == "llama3":
@@ -119,17 +130,21 @@ class RoPE(Positional):
         return torch.where(medium, smoothed, scaled)
 
     def cos_sin(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """cos and sin of the rotation angles, each ``(s, head_dim)`` float32 for ``positions: (s,)``."""
+        """cos and sin of the rotation angles, each ``(s, rotary_dims)`` float32 for ``positions: (s,)``."""
         inv_freq = self.inv_freq(positions.device)
         angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
         angles = torch.cat((angles, angles), dim=-1)
         return angles.cos(), angles.sin()
 
     def rotate(self, q: Tensor, k: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """Rotate ``q: (b, h, s, d)`` and ``k: (b, h_kv, s, d)`` of the tokens at ``positions: (s,)``."""
+        """Rotate ``q: (b, h, s, d)`` and ``k: (b, h_kv, s, d)`` of the tokens at ``positions: (s,)``:
+        the first ``rotary_dims`` of each head (rotate-half within them), the rest passed through."""
         cos, sin = self.cos_sin(positions)
+        r = self.rotary_dims
 
         def apply(x: Tensor) -> Tensor:
+            if r < x.shape[-1]:
+                return torch.cat((apply(x[..., :r]), x[..., r:]), dim=-1)
             x32 = x.float()
             return (x32 * cos + rotate_half(x32) * sin).type_as(x)
 
@@ -137,6 +152,8 @@ class RoPE(Positional):
 
     def extra_repr(self) -> str:
         text = f"head_dim={self.head_dim}, theta={self.theta}"
+        if self.rotary_dims != self.head_dim:
+            text += f", rotary_dims={self.rotary_dims}"
         if self.scaling == "llama3":
             text += (f", scaling=llama3, factor={self.factor}, low_freq_factor={self.low_freq_factor}, "
                      f"high_freq_factor={self.high_freq_factor}, original_context_length={self.original_context_length}")
