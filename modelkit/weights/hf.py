@@ -29,7 +29,7 @@ import contextlib
 import json
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -104,7 +104,6 @@ def _compile(rule: KeyRule) -> re.Pattern[str]:
     return re.compile("^" + re.escape(rule.hf).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
 
 
-_RULES = tuple((rule, _compile(rule)) for rule in GPT2_KEY_MAP)
 
 
 # -- config.json <-> spec ---------------------------------------------------------------------------
@@ -325,19 +324,32 @@ def map_hf_to_modelkit(sources: Mapping[str, Any], *, tie_embeddings: bool = Tru
     loader's lazy sources). Returns the modelkit-named items and the HF names no rule matched.
     ``lm_head.weight`` is dropped when ``tie_embeddings`` (GPT-2 ties it to ``wte``).
     """
+    return rename(sources, GPT2_KEY_MAP, ignored=_IGNORED, prefix=_PREFIX,
+                  drop=("lm_head.weight",) if tie_embeddings else ())
+
+
+def rename(sources: Mapping[str, Any], rules: Iterable[KeyRule], *, ignored: re.Pattern[str] | None = None,
+           drop: Iterable[str] = (), prefix: str = "") -> tuple[dict[str, Any], list[str]]:
+    """Map HF-named tensors (or lazy sources) to modelkit names with ``rules`` (every family's key map).
+
+    Rules, ``ignored`` and ``drop`` see each name without ``prefix``; returns the mapped items and the
+    full names no rule matched (the caller refuses those).
+    """
+    compiled = [(rule, _compile(rule)) for rule in rules]
+    dropped = set(drop)
     out: dict[str, Any] = {}
     unknown: list[str] = []
     for full, src in sources.items():
-        key = full.removeprefix(_PREFIX)
-        if _IGNORED.match(key) or (key == "lm_head.weight" and tie_embeddings):
+        name = full.removeprefix(prefix)
+        if name in dropped or (ignored is not None and ignored.match(name)):
             continue
-        for rule, pattern in _RULES:
-            m = pattern.match(key)
+        for rule, pattern in compiled:
+            m = pattern.match(name)
             if m is None:
                 continue
-            names = [n.format(i=m.group("i")) if "{i}" in n else n for n in rule.modelkit]
-            for j, name in enumerate(names):
-                out[name] = _apply(rule.how, src, j, full)
+            targets = [t.format(i=m.group("i")) if "{i}" in t else t for t in rule.modelkit]
+            for j, target in enumerate(targets):
+                out[target] = _apply(rule.how, src, j, full)
             break
         else:
             unknown.append(full)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ..hf import KeyRule, _apply, _compile
+from ..hf import KeyRule, _compile, rename
 from ...spec import ModelSpec
 
 if TYPE_CHECKING:
@@ -35,33 +35,6 @@ class HFFamily:
     to_hf: Callable[[GPTModel], dict[str, Tensor]]
 
 
-def rename(sources: Mapping[str, Any], rules: Iterable[KeyRule], *, ignored: re.Pattern[str] | None = None,
-           drop: Iterable[str] = ()) -> tuple[dict[str, Any], list[str]]:
-    """Map HF-named tensors (or lazy sources) to modelkit names with ``rules``.
-
-    Names matching ``ignored`` or listed in ``drop`` are skipped; returns the mapped items and the
-    names no rule matched (the caller refuses those).
-    """
-    compiled = [(rule, _compile(rule)) for rule in rules]
-    dropped = set(drop)
-    out: dict[str, Any] = {}
-    unknown: list[str] = []
-    for name, src in sources.items():
-        if name in dropped or (ignored is not None and ignored.match(name)):
-            continue
-        for rule, pattern in compiled:
-            m = pattern.match(name)
-            if m is None:
-                continue
-            targets = [t.format(i=m.group("i")) if "{i}" in t else t for t in rule.modelkit]
-            for j, target in enumerate(targets):
-                out[target] = _apply(rule.how, src, j, name)
-            break
-        else:
-            unknown.append(name)
-    return out, unknown
-
-
 def rename_back(state: Mapping[str, Tensor], rules: Iterable[KeyRule]) -> dict[str, Tensor]:
     """The reverse of :func:`rename` for one-to-one ``copy`` rules: modelkit names -> HF names.
 
@@ -80,3 +53,13 @@ def rename_back(state: Mapping[str, Tensor], rules: Iterable[KeyRule]) -> dict[s
         else:
             raise KeyError(f"no key-map rule for the modelkit tensor {name}")
     return out
+
+
+def head_size_problems(hidden_size: int, heads: int, head_dim: int | None) -> list[str]:
+    """Why a config's attention heads do not fit modelkit's head size (``hidden_size / heads``), if they do not."""
+    if hidden_size % heads:
+        return [f"hidden_size {hidden_size} is not divisible by num_attention_heads {heads}"]
+    if head_dim is not None and head_dim != hidden_size // heads:
+        return [f"head_dim {head_dim} differs from hidden_size / num_attention_heads = {hidden_size // heads} "
+                "(modelkit's head size)"]
+    return []

@@ -42,7 +42,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from .base import HFFamily, rename, rename_back
+from .base import HFFamily, head_size_problems, rename, rename_back
 from .llama import _read_config, _refuse
 from ..hf import _HFSize, _Source, _derive, _json_type, KeyRule
 from ...errors import CheckpointError, SpecError
@@ -140,12 +140,7 @@ def _problems(cfg: _GPTNeoXConfig) -> list[str]:
         problems.append(f"hidden_act {cfg.hidden_act!r} is not supported (GPT-NeoX uses 'gelu', exact)")
     if not cfg.attention_bias:
         problems.append("attention_bias false is not supported (GPT-NeoX's query_key_value and dense have biases)")
-    if cfg.hidden_size % cfg.num_attention_heads:
-        problems.append(f"hidden_size {cfg.hidden_size} is not divisible by num_attention_heads "
-                        f"{cfg.num_attention_heads}")
-    elif cfg.head_dim is not None and cfg.head_dim != cfg.hidden_size // cfg.num_attention_heads:
-        problems.append(f"head_dim {cfg.head_dim} differs from hidden_size / num_attention_heads = "
-                        f"{cfg.hidden_size // cfg.num_attention_heads} (modelkit's head size)")
+    problems += head_size_problems(cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim)
     return problems
 
 

@@ -32,7 +32,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor
 
-from .base import HFFamily, rename, rename_back
+from .base import HFFamily, head_size_problems, rename, rename_back
 from ..hf import _HFSize, KeyRule, _json_type
 from ..safetensors_file import pydantic_lines
 from ...errors import CheckpointError, SpecError
@@ -142,12 +142,7 @@ def _problems(cfg: _LlamaConfig) -> list[str]:
     problems = []
     if cfg.hidden_act != "silu":
         problems.append(f"hidden_act {cfg.hidden_act!r} is not supported (llama.swiglu gates with 'silu')")
-    if cfg.hidden_size % cfg.num_attention_heads:
-        problems.append(f"hidden_size {cfg.hidden_size} is not divisible by num_attention_heads "
-                        f"{cfg.num_attention_heads}")
-    elif cfg.head_dim is not None and cfg.head_dim != cfg.hidden_size // cfg.num_attention_heads:
-        problems.append(f"head_dim {cfg.head_dim} differs from hidden_size / num_attention_heads = "
-                        f"{cfg.hidden_size // cfg.num_attention_heads} (modelkit's head size)")
+    problems += head_size_problems(cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim)
     return problems
 
 
