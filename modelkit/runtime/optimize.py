@@ -270,10 +270,23 @@ def inductor_cpu_problem() -> str | None:
         from torch._inductor.cpu_vec_isa import pick_vec_isa
     except ImportError:  # another PyTorch: let compile speak for itself
         return None
-    if pick_vec_isa():
-        return None
-    return (f"PyTorch's Inductor has no vector instruction set for this CPU (PyTorch kernels: "
-            f"{torch.backends.cpu.get_cpu_capability()}), and its scalar C++ for GPT blocks does not compile")
+    if not pick_vec_isa():
+        return (f"PyTorch's Inductor has no vector instruction set for this CPU (PyTorch kernels: "
+                f"{torch.backends.cpu.get_cpu_capability()}), and its scalar C++ for GPT blocks does not compile")
+    return _mixed_isa_caps()
+
+
+def _mixed_isa_caps() -> str | None:
+    """Why compiled code is unsafe when ``ONEDNN_MAX_CPU_ISA`` caps oneDNN below AVX-512 while PyTorch's
+    kernels (and Inductor's code) use it: with torch 2.13 on an AVX-512 EPYC that mix corrupted the heap
+    in compiled inference (``malloc(): unaligned tcache chunk detected``), where capping both, with
+    ``MODELKIT_CPU_CAPABILITY=avx2``, ran correctly."""
+    aten = torch.backends.cpu.get_cpu_capability()
+    onednn = cpu_info().onednn_isa or ""
+    if aten.startswith("AVX512") and os.environ.get("ONEDNN_MAX_CPU_ISA") and not onednn.startswith("avx512"):
+        return (f"ONEDNN_MAX_CPU_ISA caps oneDNN at {onednn or 'none'} while PyTorch's kernels use {aten}; "
+                "compiled code corrupts memory with that mix: cap both with MODELKIT_CPU_CAPABILITY=avx2")
+    return None
 
 
 def native_build_problem() -> str | None:
