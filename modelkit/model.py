@@ -88,7 +88,7 @@ class GPTModel(nn.Module):
             x = x + pos
         x = drop_emb(x)
         for i, block in enumerate(blocks):
-            x = block(x, LayerContext(positions, pos_emb, cache.layers[i] if cache is not None else None))
+            x = block(x, LayerContext(positions, pos_emb, cache.layers[i] if cache is not None else None, i))
         if cache is not None:
             cache.advance(seq_len)
         x = final_norm(x)

@@ -148,11 +148,16 @@ class Dropout(nn.Dropout):
 
 @dataclass
 class LayerContext:
-    """What a block (and its attention) receives besides the hidden states, for one forward pass."""
+    """What a block (and its attention) receives besides the hidden states, for one forward pass.
+
+    ``layer`` is the block's index in the model (0 for a module run on its own), for parts that
+    differ by depth, such as attention that slides its window on some layers only.
+    """
 
     positions: Tensor
     positional: Positional
     cache: LayerKVCache | None = None
+    layer: int = 0
 
 
 class Attention(Component):
