@@ -71,14 +71,14 @@ class MultiHeadAttention(Attention):
     def __init__(self, dims: ModelDims, *, backend: BackendName = "sdpa",
                  out_bias: Annotated[bool, Field(description="bias in out_proj")] = True) -> None:
         super().__init__()
-        d = dims.emb_dim
-        self.d_out = d
+        d, inner = dims.emb_dim, dims.attention_dim  # inner = n_heads * head_dim (emb_dim by default)
+        self.d_out = inner
         self.num_heads = dims.n_heads
-        self.head_dim = d // dims.n_heads
-        self.W_query = nn.Linear(d, d, bias=dims.qkv_bias)
-        self.W_key = nn.Linear(d, d, bias=dims.qkv_bias)
-        self.W_value = nn.Linear(d, d, bias=dims.qkv_bias)
-        self.out_proj = nn.Linear(d, d, bias=out_bias)
+        self.head_dim = dims.head_dim
+        self.W_query = nn.Linear(d, inner, bias=dims.qkv_bias)
+        self.W_key = nn.Linear(d, inner, bias=dims.qkv_bias)
+        self.W_value = nn.Linear(d, inner, bias=dims.qkv_bias)
+        self.out_proj = nn.Linear(inner, d, bias=out_bias)
         self.dropout = Dropout(dims.drop_rate)
         self.backend = backend
         self.kernel = get_attention_kernel(backend)

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from ..errors import CheckpointError, PluginError, RegistryError, SpecError, SpecIssue
 from ..registry import KINDS
-from ..spec import SLOT_DEFAULTS, ComponentSpec, ModelSpec, load_spec, parse_json, validate_spec
+from ..spec import ComponentSpec, ModelSpec, load_spec, parse_json, validate_spec
 from .safetensors_file import (
     ST_DTYPES, Header, describe_json, loads_json, map_tensors, open_file, pydantic_lines, read_header, read_header_of,
 )
@@ -122,8 +122,8 @@ def _walk_components(spec: ModelSpec) -> Iterator[tuple[str, str, ComponentSpec]
             if isinstance(value, ComponentSpec) and key in subs:
                 yield from walk(f"{path}.{key}", subs[key], value)
 
-    for slot in SLOT_DEFAULTS:
-        yield from walk(slot, slot, getattr(spec, slot))
+    for slot, kind, ref in spec.slots():
+        yield from walk(slot, kind, ref)
 
 
 def component_provenance(spec: ModelSpec) -> list[dict[str, str | None]]:

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor
 
 from .base import HFFamily, head_size_problems, rename, rename_back
-from ..hf import _HFSize, KeyRule, _json_type
+from ..hf import _HFSize, KeyRule, _json_type, model_level_problems
 from ..safetensors_file import pydantic_lines
 from ...errors import CheckpointError, SpecError
 from ...spec import ModelSpec, validate_spec
@@ -211,9 +211,11 @@ def _rename_folder(sources: Mapping[str, Any], spec: ModelSpec,
 
 
 def _part_problems(spec: ModelSpec, label: str,
-                   gqa_check: Callable[[ModelSpec], str | None] | None = None) -> list[str]:
+                   gqa_check: Callable[[ModelSpec], str | None] | None = None,
+                   stated: tuple[str, ...] = ()) -> list[str]:
     """The parts of ``spec`` that are not the llama parts a ``label`` model is made of; with
-    ``gqa_check``, also its problem (if any) with a ``llama.gqa`` attention, listed after it."""
+    ``gqa_check``, also its problem (if any) with a ``llama.gqa`` attention, listed after it; and the
+    model-level fields other than ``stated`` that differ from the book's model."""
     pos, norm, att, ff = spec.positional, spec.norm, spec.attention, spec.feedforward
     problems = []
     if pos.type != "llama.rope":
@@ -228,7 +230,7 @@ def _part_problems(spec: ModelSpec, label: str,
         problems.append(f"feedforward '{ff.type}' ({label} uses llama.swiglu)")
     if spec.block.type != "pre_norm":
         problems.append(f"block '{spec.block.type}' ({label} blocks are pre_norm)")
-    return problems
+    return problems + model_level_problems(spec, label, stated)
 
 
 def _refuse(spec: ModelSpec, label: str, problems: list[str]) -> None:

@@ -40,12 +40,12 @@ class GroupedQueryAttention(Attention):
         self.num_heads = dims.n_heads
         self.num_kv_heads = num_kv_heads or dims.n_heads
         self.head_dim = dims.head_dim
-        self.d_out = dims.emb_dim
+        self.d_out = dims.attention_dim  # n_heads * head_dim: emb_dim unless the spec gives head_dim
         kv_dim = self.num_kv_heads * self.head_dim
-        self.W_query = nn.Linear(dims.emb_dim, dims.emb_dim, bias=dims.qkv_bias)
+        self.W_query = nn.Linear(dims.emb_dim, self.d_out, bias=dims.qkv_bias)
         self.W_key = nn.Linear(dims.emb_dim, kv_dim, bias=dims.qkv_bias)
         self.W_value = nn.Linear(dims.emb_dim, kv_dim, bias=dims.qkv_bias)
-        self.out_proj = nn.Linear(dims.emb_dim, dims.emb_dim, bias=out_bias)
+        self.out_proj = nn.Linear(self.d_out, dims.emb_dim, bias=out_bias)
         self.dropout = nn.Dropout(dims.drop_rate)
         self.backend = backend
         self.kernel = get_attention_kernel(backend)
