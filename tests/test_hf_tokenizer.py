@@ -342,3 +342,22 @@ def test_huge_tokenizer_file_is_refused_unread(tmp_path: Path, monkeypatch: pyte
         HFTokenizer.from_file(path)
     with pytest.raises(TokenizerFileError, match="MAX_TOKENIZER_BYTES"):
         HFTokenizer(path.read_bytes())
+
+
+def test_added_tokens_count_in_the_vocabulary() -> None:
+    tok = train_bpe()
+    tok.add_special_tokens(["<|extra|>"])
+    hf = HFTokenizer(tok.to_str().encode())
+    assert hf.n_vocab == VOCAB + 1
+    assert hf.encode("<|extra|>") == [VOCAB] and hf.decode([VOCAB]) == "<|extra|>"
+
+
+def test_info_shows_the_recorded_tokenizer(imported: tuple[Path, Path, Any],
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    _, out, _ = imported
+    capsys.readouterr()
+    assert cli_main(["info", str(out)]) == 0
+    assert "tokenizer:   tokenizer.json stored (" in capsys.readouterr().out
+    assert cli_main(["info", "--json", str(out)]) == 0
+    record = json.loads(capsys.readouterr().out)["checkpoint"]["tokenizer"]
+    assert record["type"] == "tokenizer.json" and record["eos_token_id"] == EOS
