@@ -271,6 +271,15 @@ def test_altered_stored_tokenizer_is_refused(imported: tuple[Path, Path, Any], t
     with pytest.raises(CheckpointError, match="metadata.modelkit.tokenizer.json is missing"):
         checkpoint_tokenizer(lost)
 
+    import hashlib
+
+    junk = "[1, 2]"  # stored with a matching record: refused as a tokenizer, not used
+    record = {"type": "tokenizer.json", "sha256": hashlib.sha256(junk.encode()).hexdigest(), "size": len(junk)}
+    forged = rewrite_metadata(out, tmp_path / "forged.safetensors", modelkit__tokenizer__json=junk,
+                              modelkit__tokenizer=json.dumps(record))
+    with pytest.raises(CheckpointError, match=r"its stored tokenizer.json\) is not a tokenizer.json"):
+        checkpoint_tokenizer(forged)
+
 
 @pytest.mark.parametrize("record, message", [
     ('{"type": "tokenizer.json"}', "needs its sha256 and size"),
@@ -361,3 +370,33 @@ def test_info_shows_the_recorded_tokenizer(imported: tuple[Path, Path, Any],
     assert cli_main(["info", "--json", str(out)]) == 0
     record = json.loads(capsys.readouterr().out)["checkpoint"]["tokenizer"]
     assert record["type"] == "tokenizer.json" and record["eos_token_id"] == EOS
+
+
+def test_eos_stops_where_transformers_stops(imported: tuple[Path, Path, Any], tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """With config.json's eos_token_id set to a token the greedy text reaches, ``--eos`` stops there
+    (the token unprinted), as transformers' ``generate`` does."""
+    import shutil
+
+    folder, _, hf = imported
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
+    ids = torch.tensor([fast(PROMPT)["input_ids"]])
+    with torch.no_grad():
+        free = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=20,
+                           min_new_tokens=20, pad_token_id=0)[0, ids.shape[1]:].tolist()
+    eos = free[5]
+    stop = free.index(eos)  # the first time the greedy text reaches it
+    copy = shutil.copytree(folder, tmp_path / "eos")
+    config = json.loads((copy / "config.json").read_text())
+    config["eos_token_id"] = eos
+    (copy / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "eos.safetensors"
+    import_hf(copy, out)
+    with torch.no_grad():
+        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=20,
+                          eos_token_id=eos, pad_token_id=0)
+    assert ref[0, -1].item() == eos and ref.shape[1] == ids.shape[1] + stop + 1
+    rc, text, err = generate_cli(capsys, "--checkpoint", str(out), "--prompt", PROMPT, "--max-new-tokens", "20",
+                                 "--eos")
+    assert rc == 0, err
+    assert text == fast.decode(ref[0, :-1]) + "\n"
