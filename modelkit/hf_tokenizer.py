@@ -190,7 +190,8 @@ class HFIncrementalDecoder:
 AnyTokenizer = Union["tiktoken.Encoding", HFTokenizer]
 
 
-def incremental_decoder(tokenizer: AnyTokenizer, context: Sequence[int] = ()) -> IncrementalDecoder | HFIncrementalDecoder:
+def incremental_decoder(tokenizer: AnyTokenizer, context: Sequence[int] = ()
+                        ) -> IncrementalDecoder | HFIncrementalDecoder:
     """A streaming decoder for either tokenizer; ``context`` (the prompt's ids) matters to an
     :class:`HFTokenizer` only (GPT-2's tokens decode to the same bytes anywhere)."""
     if isinstance(tokenizer, HFTokenizer):

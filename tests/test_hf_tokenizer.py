@@ -238,7 +238,7 @@ def test_eos_needs_an_end_of_text_token(tmp_path: Path, capsys: pytest.CaptureFi
     import_hf(folder, out)
     assert read_checkpoint(out).tokenizer.eos_token_id is None
     rc, _, err = generate_cli(capsys, "--checkpoint", str(out), "--prompt", "The", "--eos")
-    assert rc == 2 and "names no end-of-text token" in err
+    assert rc == 2 and "has no end-of-text id" in err
 
 
 def test_tokenizer_larger_than_the_model_is_refused_at_import(tmp_path: Path,

@@ -40,8 +40,8 @@ def add_parser(sub: Any) -> None:
                         "file with --config naming its spec")
     p.add_argument("--tokenizer", metavar="FILE",
                    help="a Hugging Face tokenizer.json, or 'gpt2' for the built-in GPT-2 tokenizer (default: the "
-                        "one the checkpoint records, GPT-2's for checkpoints that record none and without "
-                        "--checkpoint)")
+                        "one the checkpoint records; GPT-2's without --checkpoint, for the book's files and for "
+                        "checkpoints written before modelkit recorded tokenizers)")
     p.add_argument("--prompt", required=True, metavar="TEXT", help="the text to continue")
     p.add_argument("--max-new-tokens", type=int, default=50, metavar="N", help="tokens to generate (default 50)")
     p.add_argument("--temperature", type=float, default=0.0, metavar="T",
@@ -168,8 +168,9 @@ def run(args: argparse.Namespace) -> int:
             f"{tokenizer.n_vocab} tokens; generating text needs vocab_size >= {tokenizer.n_vocab}"
         )
     if args.eos and tokenizer.eot_token is None:
-        raise GenerationError(f"--eos: the tokenizer ({tokenizer.source}) names no end-of-text token (its model's "
-                              "config.json had no eos_token_id); generate without --eos")
+        raise GenerationError(f"--eos: the tokenizer ({tokenizer.source}) has no end-of-text id (a checkpoint takes "
+                              "it from config.json's eos_token_id at import; a --tokenizer file has none); "
+                              "generate without --eos")
     idx = text_to_token_ids(args.prompt, tokenizer).to(device)
     eos_id = tokenizer.eot_token if args.eos else None
     out = sys.stdout
