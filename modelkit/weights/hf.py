@@ -509,15 +509,19 @@ def export_hf_gpt2(model: GPTModel, out_dir: str | os.PathLike[str]) -> Path:
     return write_hf_folder(hf_config_from_spec(model.spec, dtype), modelkit_to_hf_state_dict(model), out_dir)
 
 
-def write_hf_folder(config: Mapping[str, Any], tensors: Mapping[str, Tensor], out_dir: str | os.PathLike[str]) -> Path:
-    """Write ``model.safetensors`` (``tensors``) and ``config.json`` (``config``) into ``out_dir``,
-    atomically as :func:`export_hf_gpt2` describes. Returns the folder."""
+def write_hf_folder(config: Mapping[str, Any], tensors: Mapping[str, Tensor], out_dir: str | os.PathLike[str],
+                    tokenizer_json: bytes | None = None) -> Path:
+    """Write ``model.safetensors`` (``tensors``), ``config.json`` (``config``) and, if given,
+    ``tokenizer.json`` (those bytes) into ``out_dir``, atomically as :func:`export_hf_gpt2`
+    describes. Returns the folder."""
     from safetensors.torch import save_file
 
     files: dict[str, Callable[[Path], None]] = {
         "model.safetensors": lambda p: save_file(dict(tensors), str(p), metadata={"format": "pt"}),
         "config.json": lambda p: write_bytes(p, (json.dumps(config, indent=2) + "\n").encode("utf-8")),
     }
+    if tokenizer_json is not None:
+        files["tokenizer.json"] = lambda p: write_bytes(p, tokenizer_json)
     out = Path(out_dir)
     if out.exists():  # the folder stays (it may be the working folder, or hold other files): swap its files
         _replace_files_in(out, files)
