@@ -104,7 +104,8 @@ def export_family_of(spec: ModelSpec) -> HFFamily:
 
 def export_hf(model: GPTModel, out_dir: str | os.PathLike[str]) -> Path:
     """Write ``model`` as a Hugging Face folder (``model.safetensors`` + ``config.json``) of the family
-    its parts make (GPT-2, Llama, Qwen2, OPT, GPT-NeoX or Mistral), which ``transformers.AutoModelForCausalLM.from_pretrained`` opens.
+    its parts make (GPT-2, Llama, Qwen2, OPT, GPT-NeoX or Mistral), which
+    ``transformers.AutoModelForCausalLM.from_pretrained`` opens.
     Returns the folder. Raises :class:`CheckpointError`, before writing anything, if no family has an
     equivalent (naming, per family, the parts that differ). Written atomically, as
     :func:`~modelkit.weights.hf.export_hf_gpt2`.

@@ -212,12 +212,12 @@ def _rename_folder(sources: Mapping[str, Any], spec: ModelSpec,
     return rename(sources, key_map, ignored=_IGNORED, drop=("lm_head.weight",) if spec.tie_embeddings else ())
 
 
-def _part_problems(spec: ModelSpec, label: str,
-                   gqa_check: Callable[[ModelSpec], str | None] | None = None, *, window: bool = False) -> list[str]:
+def _part_problems(spec: ModelSpec, label: str, gqa_check: Callable[[ModelSpec], str | None] | None = None, *,
+                   window: bool = False, window_pattern: bool = False) -> list[str]:
     """The parts of ``spec`` that are not the llama parts a ``label`` model is made of; with
     ``gqa_check``, also its problem (if any) with a ``llama.gqa`` attention, listed after it. A
-    ``llama.gqa`` option the family does not have is a problem too: soft-capping, a query scale, and
-    (unless ``window``: one sliding window on every layer) a sliding window."""
+    ``llama.gqa`` option the family does not have is a problem too: soft-capping, a query scale, a
+    sliding window (unless ``window``), on some layers only (unless ``window_pattern``)."""
     pos, norm, att, ff = spec.positional, spec.norm, spec.attention, spec.feedforward
     problems = []
     if pos.type != "llama.rope":
@@ -227,7 +227,7 @@ def _part_problems(spec: ModelSpec, label: str,
     if att.type != "llama.gqa":
         problems.append(f"attention '{att.type}' ({label} uses llama.gqa)")
     else:
-        problems += _gqa_option_problems(spec, label, window)
+        problems += _gqa_option_problems(spec, label, window, window_pattern)
         if gqa_check is not None and (problem := gqa_check(spec)) is not None:
             problems.append(problem)
     if ff.type != "llama.swiglu":
@@ -237,18 +237,18 @@ def _part_problems(spec: ModelSpec, label: str,
     return problems
 
 
-def _gqa_option_problems(spec: ModelSpec, label: str, window: bool) -> list[str]:
-    """The ``llama.gqa`` options of ``spec`` a ``label`` model does not have (``window``: it slides one
-    window on every layer)."""
+def _gqa_option_problems(spec: ModelSpec, label: str, window: bool, window_pattern: bool) -> list[str]:
+    """The ``llama.gqa`` options of ``spec`` a ``label`` model does not have (``window``: it can slide a
+    window; ``window_pattern``: on some layers only)."""
     params = spec.attention.params
+    missing = (("softcap", "attention soft-capping"), ("query_scale", "query scale other than 1/√head_dim"))
     problems = [f"attention {name} {params[name]} ({label} has no {what})"
-                for name, what in (("softcap", "attention soft-capping"), ("query_scale", "query scale other than 1/√head_dim"))
-                if params.get(name) is not None]
-    if params.get("sliding_window") is not None:
-        if not window:
-            problems.append(f"attention sliding_window {params['sliding_window']} ({label} attends to every position)")
-        elif not all(params.get("window_pattern", [True])):
-            problems.append(f"attention window_pattern {params['window_pattern']} ({label} slides the window on every layer)")
+                for name, what in missing if params.get(name) is not None]
+    window_size = params.get("sliding_window")
+    if window_size is not None and not window:
+        problems.append(f"attention sliding_window {window_size} ({label} attends to every position)")
+    elif window_size is not None and not window_pattern and not all(params.get("window_pattern", [True])):
+        problems.append(f"attention window_pattern {params['window_pattern']} ({label} slides the window on every layer)")
     return problems
 
 
