@@ -46,7 +46,8 @@ class GroupedQueryAttention(Attention):
         query_scale: Annotated[float | None, Field(gt=0, description="the score scale (None: 1/√head_dim)")] = None,
     ) -> None:
         super().__init__()
-        problems = list(self.check_dims(dims, num_kv_heads=num_kv_heads))
+        problems = list(self.check_dims(dims, num_kv_heads=num_kv_heads, sliding_window=sliding_window,
+                                        window_pattern=window_pattern))
         if problems:
             raise ValueError("; ".join(problems))
         self.num_heads = dims.n_heads

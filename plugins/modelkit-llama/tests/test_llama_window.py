@@ -151,3 +151,8 @@ def test_generation_past_the_window_equals_the_uncached_loop_and_the_runtime() -
         torch.testing.assert_close(fast(x), model(x), rtol=0, atol=1e-4)
     assert torch.equal(generate(fast, prompt, max_new_tokens=30), cached)
     assert native_unsupported_reason(fast) is not None  # the native step is GPT-2's only: it declines
+
+
+def test_a_pattern_without_a_window_is_refused_when_built_directly_too() -> None:
+    with pytest.raises(ValueError, match="window_pattern is set but sliding_window is not"):
+        GroupedQueryAttention(DIMS, window_pattern=(True, False))
