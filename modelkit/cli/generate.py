@@ -35,8 +35,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--config", metavar="CONFIG", help="a JSON spec file (required without --checkpoint)")
     p.add_argument("--checkpoint", metavar="FILE",
                    help="trained weights: a modelkit checkpoint (its own spec is used; --config, if "
-                        "given, must describe the same model), or the book's torch.save(state_dict) "
-                        "file with --config naming its spec")
+                        "given, must describe the same model), a folder holding one as model.safetensors "
+                        "(a `modelkit train` run or one of its checkpoints), or the book's "
+                        "torch.save(state_dict) file with --config naming its spec")
     p.add_argument("--prompt", required=True, metavar="TEXT", help="the text to continue")
     p.add_argument("--max-new-tokens", type=int, default=50, metavar="N", help="tokens to generate (default 50)")
     p.add_argument("--temperature", type=float, default=0.0, metavar="T",
@@ -96,12 +97,24 @@ def check_same_spec(model: GPTModel, config: str, checkpoint: str) -> None:
         )
 
 
+def checkpoint_file(path: str) -> str:
+    """``path``, or for a folder (a training run, or one of its checkpoints) its ``model.safetensors``.
+    Raises :class:`CheckpointError` when there is no such file."""
+    if os.path.isdir(path):
+        inside = os.path.join(path, "model.safetensors")
+        if not os.path.isfile(inside):
+            raise CheckpointError(f"checkpoint folder {path} holds no model.safetensors "
+                                  "(give a checkpoint file, a training run or one of its checkpoints)")
+        return inside
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    return path
+
+
 def load_model(args: argparse.Namespace) -> GPTModel:
     """The model to generate with, in eval mode: from the checkpoint, or seeded random weights."""
     if args.checkpoint is not None:
-        if not os.path.exists(args.checkpoint):
-            raise CheckpointError(f"checkpoint file not found: {args.checkpoint}")
-        model = load_checkpoint_model(args.checkpoint, args.config)
+        model = load_checkpoint_model(checkpoint_file(args.checkpoint), args.config)
     else:
         spec = load_spec(args.config)
         torch.manual_seed(args.seed)
