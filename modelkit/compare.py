@@ -21,9 +21,9 @@ the way ``modelkit generate`` runs a model; gradient norms are taken on the mode
 
 Overrides shrink or change every spec alike: a top-level field (``n_layers=2``) or a slot
 (``block=post_norm``) applies to every spec; a component parameter (``attention.num_kv_heads=2``,
-``feedforward.activation.approximate=...``) applies to each spec whose part declares that parameter
-and is reported as not applied to the others (GPT-2's ``mha`` has no ``num_kv_heads``); one that no
-spec's part declares is an error.
+``feedforward.activation=relu``, ``positional.theta=10000``) applies to each spec whose part declares
+that parameter and is reported as not applied to the others (GPT-2's ``mha`` has no ``num_kv_heads``,
+Llama's ``llama.swiglu`` no ``activation``); one that no spec's part declares is an error.
 
 Specs of different vocabularies: every figure is each model's own (the embedding and head grow with
 the vocabulary), so the report adds the parameters without embeddings (token and position tables)

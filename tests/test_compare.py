@@ -17,7 +17,9 @@ from modelkit.compare import (
     CompareError,
     CompareOptions,
     apply_overrides,
+    apply_overrides_where_declared,
     compare,
+    declares,
     ffn_grad_norms,
     flops_per_token,
     parse_override,
@@ -218,6 +220,19 @@ def test_shrunk_gpt2_and_llama_counted_by_hand():
     assert llama.parameters_without_embeddings == 2 * llama_layer + e
     assert llama.spec["attention"]["num_kv_heads"] == 2 and llama.spec["feedforward"]["hidden_dim"] == h
     assert gpt2.spec["feedforward"]["hidden_dim"] == h and gpt2.overrides_not_applied == ["attention.num_kv_heads"]
+
+
+def test_a_part_parameter_applies_where_the_part_declares_it():
+    pytest.importorskip("modelkit_llama")
+    gpt2, llama = load_spec("configs/gpt2-small.json"), load_spec("configs/pretrained/llama-3.2-1b.json")
+    for key, by_gpt2, by_llama in [("attention.num_kv_heads", False, True), ("feedforward.activation", True, False),
+                                   ("positional.theta", False, True), ("norm.eps", True, True),
+                                   ("n_layers", True, True), ("block", True, True)]:
+        assert (declares(gpt2.to_dict(), key), declares(llama.to_dict(), key)) == (by_gpt2, by_llama), key
+    assert declares({**gpt2.to_dict(), "attention": "llama.gqa"}, "attention.num_kv_heads")  # after a slot override
+    (changed,), (skipped,) = apply_overrides_where_declared([gpt2], {"attention": "llama.gqa",
+                                                                      "attention.num_kv_heads": 4}, ["gpt2"])
+    assert changed.attention.type == "llama.gqa" and changed.attention.params["num_kv_heads"] == 4 and not skipped
 
 
 def test_an_override_no_spec_declares_is_refused():
