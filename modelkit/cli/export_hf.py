@@ -14,6 +14,9 @@ def add_parser(sub: Any) -> None:
                                    "in either family.")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a modelkit checkpoint (.safetensors)")
     p.add_argument("out_dir", metavar="OUT_DIR", help="the folder to write (created if needed)")
+    p.add_argument("--model-type", default=None, metavar="MODEL_TYPE",
+                   help="write this Hugging Face model_type (e.g. phi3 for Llama's parts without biases); "
+                        "default: the first family whose config can state the model's parts")
     p.set_defaults(func=run)
 
 
@@ -21,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     from ..weights.checkpoint import load_checkpoint, read_checkpoint
     from ..weights.hf_families import export_family_of, export_hf
 
-    export_family_of(read_checkpoint(args.checkpoint).spec)  # refuse before loading any weights
-    out = export_hf(load_checkpoint(args.checkpoint), args.out_dir)
+    export_family_of(read_checkpoint(args.checkpoint).spec, args.model_type)  # refuse before loading any weights
+    out = export_hf(load_checkpoint(args.checkpoint), args.out_dir, args.model_type)
     print(f"wrote {out / 'model.safetensors'} and {out / 'config.json'}")
     return 0

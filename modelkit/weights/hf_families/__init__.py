@@ -1,6 +1,7 @@
 """Hugging Face model families: one module per ``config.json`` ``model_type``.
 
-Each family module (:mod:`.gpt2`, :mod:`.llama`, :mod:`.qwen2`, :mod:`.opt`, :mod:`.gpt_neox`) defines one :class:`~.base.HFFamily`:
+Each family module (:mod:`.gpt2`, :mod:`.llama`, :mod:`.qwen2`, :mod:`.opt`, :mod:`.gpt_neox`,
+:mod:`.phi3`) defines one :class:`~.base.HFFamily`:
 
 - ``spec_from_config(config, name, source)``: the modelkit spec of the family's ``config.json``,
   made of registered parts (the spec never names the family); a field modelkit cannot honour is
@@ -33,6 +34,7 @@ from .gpt2 import GPT2
 from .gpt_neox import GPT_NEOX
 from .llama import LLAMA
 from .opt import OPT
+from .phi3 import PHI3
 from .qwen2 import QWEN2
 
 if TYPE_CHECKING:
@@ -40,7 +42,7 @@ if TYPE_CHECKING:
 
     from ...model import GPTModel
 
-FAMILIES: dict[str, HFFamily] = {family.model_type: family for family in (GPT2, LLAMA, QWEN2, OPT, GPT_NEOX)}
+FAMILIES: dict[str, HFFamily] = {family.model_type: family for family in (GPT2, LLAMA, QWEN2, OPT, GPT_NEOX, PHI3)}
 
 
 def family_for(config: Any, source: str = "config.json") -> HFFamily:
@@ -62,7 +64,8 @@ def load_hf(folder: str | os.PathLike[str], *,
             device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> GPTModel:
     """Load a Hugging Face model folder of any supported family as a modelkit model, in eval mode.
 
-    The family is ``config.json``'s ``model_type`` (``gpt2``, ``llama``, ``qwen2``, ``opt``, ``gpt_neox``); without a
+    The family is ``config.json``'s ``model_type`` (``gpt2``, ``llama``, ``qwen2``, ``opt``, ``gpt_neox``,
+    ``phi3``); without a
     ``config.json`` (only with ``spec=``) the folder is read as GPT-2, as
     :func:`~modelkit.weights.hf.load_hf_gpt2` does. Weights come from ``model.safetensors`` (or a
     sharded ``model.safetensors.index.json``), else ``pytorch_model.bin`` through
@@ -84,13 +87,18 @@ def load_hf(folder: str | os.PathLike[str], *,
     return load_mapped(root, resolved, family.to_modelkit, family.label, device=device, dtype=dtype)
 
 
-def export_family_of(spec: ModelSpec) -> HFFamily:
-    """The family whose ``config.json`` can state ``spec`` (GPT-2 first).
+def export_family_of(spec: ModelSpec, model_type: str | None = None) -> HFFamily:
+    """The family whose ``config.json`` can state ``spec``: the first of :data:`FAMILIES` (GPT-2
+    first, in registration order) that can, or only ``model_type``'s when it is given (a spec some
+    families share, such as Llama's parts without biases, which Phi-3 can also state).
 
-    Raises :class:`CheckpointError` listing, per family, the parts with no equivalent.
+    Raises :class:`CheckpointError` for an unknown ``model_type`` (naming the supported ones) or
+    listing, per family tried, the parts with no equivalent.
     """
+    if model_type is not None and model_type not in FAMILIES:
+        raise CheckpointError(f"model_type {model_type!r} is not supported (supported: {', '.join(sorted(FAMILIES))})")
     refusals = []
-    for family in FAMILIES.values():
+    for family in FAMILIES.values() if model_type is None else (FAMILIES[model_type],):
         try:
             family.config_from_spec(spec, torch.float32)
         except CheckpointError as exc:
@@ -100,14 +108,15 @@ def export_family_of(spec: ModelSpec) -> HFFamily:
     raise CheckpointError("\n".join(refusals))
 
 
-def export_hf(model: GPTModel, out_dir: str | os.PathLike[str]) -> Path:
+def export_hf(model: GPTModel, out_dir: str | os.PathLike[str], model_type: str | None = None) -> Path:
     """Write ``model`` as a Hugging Face folder (``model.safetensors`` + ``config.json``) of the family
-    its parts make (GPT-2, Llama, Qwen2, OPT or GPT-NeoX), which ``transformers.AutoModelForCausalLM.from_pretrained`` opens.
+    its parts make (GPT-2, Llama, Qwen2, OPT, GPT-NeoX or Phi-3; ``model_type``'s if given, see
+    :func:`export_family_of`), which ``transformers.AutoModelForCausalLM.from_pretrained`` opens.
     Returns the folder. Raises :class:`CheckpointError`, before writing anything, if no family has an
     equivalent (naming, per family, the parts that differ). Written atomically, as
     :func:`~modelkit.weights.hf.export_hf_gpt2`.
     """
-    family = export_family_of(model.spec)
+    family = export_family_of(model.spec, model_type)
     config = family.config_from_spec(model.spec, model.tok_emb.weight.dtype)
     return write_hf_folder(config, family.to_hf(model), out_dir)
 

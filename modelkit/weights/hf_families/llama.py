@@ -210,14 +210,18 @@ def _rename_folder(sources: Mapping[str, Any], spec: ModelSpec,
     return rename(sources, key_map, ignored=_IGNORED, drop=("lm_head.weight",) if spec.tie_embeddings else ())
 
 
-def _part_problems(spec: ModelSpec, label: str,
-                   gqa_check: Callable[[ModelSpec], str | None] | None = None) -> list[str]:
+def _part_problems(spec: ModelSpec, label: str, gqa_check: Callable[[ModelSpec], str | None] | None = None,
+                   *, partial_rotary: bool = False) -> list[str]:
     """The parts of ``spec`` that are not the llama parts a ``label`` model is made of; with
-    ``gqa_check``, also its problem (if any) with a ``llama.gqa`` attention, listed after it."""
+    ``gqa_check``, also its problem (if any) with a ``llama.gqa`` attention, listed after it. A
+    ``llama.rope`` rotating part of each head (``rotary_fraction`` below 1) is a problem unless
+    ``partial_rotary`` (Llama's and Qwen2's configs rotate whole heads)."""
     pos, norm, att, ff = spec.positional, spec.norm, spec.attention, spec.feedforward
     problems = []
     if pos.type != "llama.rope":
         problems.append(f"positional '{pos.type}' ({label} uses llama.rope)")
+    elif not partial_rotary and pos.params.get("rotary_fraction", 1.0) != 1.0:
+        problems.append(f"positional rotary_fraction {pos.params['rotary_fraction']} ({label} rotates whole heads)")
     if norm.type != "llama.rmsnorm":
         problems.append(f"norm '{norm.type}' ({label} uses llama.rmsnorm)")
     if att.type != "llama.gqa":
