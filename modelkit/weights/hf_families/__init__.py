@@ -1,7 +1,7 @@
 """Hugging Face model families: one module per ``config.json`` ``model_type``.
 
 Each family module (:mod:`.gpt2`, :mod:`.llama`, :mod:`.qwen2`, :mod:`.opt`, :mod:`.gpt_neox`,
-:mod:`.phi3`) defines one :class:`~.base.HFFamily`:
+:mod:`.phi3`, :mod:`.phi`) defines one :class:`~.base.HFFamily`:
 
 - ``spec_from_config(config, name, source)``: the modelkit spec of the family's ``config.json``,
   made of registered parts (the spec never names the family); a field modelkit cannot honour is
@@ -34,6 +34,7 @@ from .gpt2 import GPT2
 from .gpt_neox import GPT_NEOX
 from .llama import LLAMA
 from .opt import OPT
+from .phi import PHI
 from .phi3 import PHI3
 from .qwen2 import QWEN2
 
@@ -42,7 +43,8 @@ if TYPE_CHECKING:
 
     from ...model import GPTModel
 
-FAMILIES: dict[str, HFFamily] = {family.model_type: family for family in (GPT2, LLAMA, QWEN2, OPT, GPT_NEOX, PHI3)}
+FAMILIES: dict[str, HFFamily] = {family.model_type: family
+                                 for family in (GPT2, LLAMA, QWEN2, OPT, GPT_NEOX, PHI3, PHI)}
 
 
 def family_for(config: Any, source: str = "config.json") -> HFFamily:
@@ -65,7 +67,7 @@ def load_hf(folder: str | os.PathLike[str], *,
     """Load a Hugging Face model folder of any supported family as a modelkit model, in eval mode.
 
     The family is ``config.json``'s ``model_type`` (``gpt2``, ``llama``, ``qwen2``, ``opt``, ``gpt_neox``,
-    ``phi3``); without a
+    ``phi3``, ``phi``); without a
     ``config.json`` (only with ``spec=``) the folder is read as GPT-2, as
     :func:`~modelkit.weights.hf.load_hf_gpt2` does. Weights come from ``model.safetensors`` (or a
     sharded ``model.safetensors.index.json``), else ``pytorch_model.bin`` through
@@ -110,7 +112,7 @@ def export_family_of(spec: ModelSpec, model_type: str | None = None) -> HFFamily
 
 def export_hf(model: GPTModel, out_dir: str | os.PathLike[str], model_type: str | None = None) -> Path:
     """Write ``model`` as a Hugging Face folder (``model.safetensors`` + ``config.json``) of the family
-    its parts make (GPT-2, Llama, Qwen2, OPT, GPT-NeoX or Phi-3; ``model_type``'s if given, see
+    its parts make (GPT-2, Llama, Qwen2, OPT, GPT-NeoX, Phi-3 or Phi; ``model_type``'s if given, see
     :func:`export_family_of`), which ``transformers.AutoModelForCausalLM.from_pretrained`` opens.
     Returns the folder. Raises :class:`CheckpointError`, before writing anything, if no family has an
     equivalent (naming, per family, the parts that differ). Written atomically, as
