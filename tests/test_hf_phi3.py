@@ -4,8 +4,8 @@ Tiny randomly initialised ``transformers.Phi3ForCausalLM``s (every parameter per
 weights are not ones) are saved with ``save_pretrained`` and checked through :mod:`hf_parity`
 (logits, greedy tokens, cache, CLI round trip, runtime, meta counts). Also: the fused
 ``qkv_proj`` / ``gate_up_proj`` split exactly and joined back bit for bit, partial rotary and the
-``sliding_window`` cap matter, both RoPE field forms are read, unsupported or malformed configs are
-refused naming the field, and how export chooses between Llama and Phi-3. No downloads.
+sliding window matter, both RoPE field forms are read, unsupported or malformed configs are refused
+naming the field, and how export chooses between Llama, Mistral and Phi-3. No downloads.
 """
 
 from __future__ import annotations
@@ -140,22 +140,27 @@ def test_partial_rotary_matters() -> None:
         assert max_diff(model(x), ref) > 1e-2
 
 
-def test_sliding_window_caps_the_context_where_it_is_exact(tmp_path: Path) -> None:
-    """``sliding_window`` 40 (of 64 positions): the spec's context is 40 tokens, at parity there; on
-    41 tokens transformers' window drops the first token, which modelkit's attention cannot, and
-    modelkit refuses the 41st token."""
-    hf = make_hf(num_key_value_heads=2, sliding_window=40)
-    hf.save_pretrained(tmp_path)
-    model = load_hf(tmp_path)
-    assert model.spec.context_length == 40
-    check_logits(model, hf, "phi3 sliding window", length=40)
-    full = make_hf(num_key_value_heads=2)
-    full.load_state_dict(hf.state_dict())
-    x = batch(300, 41, seed=6)
-    assert max_diff(hf_logits(hf, x)[:, :40], hf_logits(full, x)[:, :40]) == 0
-    assert max_diff(hf_logits(hf, x)[:, 40], hf_logits(full, x)[:, 40]) > 1e-3
-    with pytest.raises(ValueError, match="exceed context_length 40"):
-        model(x)
+def test_sliding_window_is_the_attention_window(tmp_path: Path) -> None:
+    """``sliding_window`` 8 is ``llama.gqa``'s window on every layer, at parity (logits over 20 tokens,
+    37 greedy tokens, the windowed cache); without it the logits differ, so parity covers it. The
+    export is Mistral's (Llama's parts with a window), or Phi-3's with the window when asked."""
+    hf = make_hf(num_key_value_heads=2, sliding_window=8)
+    folder = tmp_path / "phi3"
+    hf.save_pretrained(folder)
+    model = check_family(folder, hf, "phi3 sliding window")
+    assert model.spec.attention.params["sliding_window"] == 8 and model.spec.context_length == 64
+    x = batch(300, 20, seed=6)
+    with torch.no_grad():
+        model.trf_blocks[0].att.sliding_window = None
+        assert max_diff(model(x), hf_logits(hf, x)) > 1e-2
+    model = load_hf(folder)
+    assert export_family_of(model.spec).model_type == "mistral"
+    for model_type, architecture in (("mistral", "MistralForCausalLM"), ("phi3", "Phi3ForCausalLM")):
+        export_hf(model, tmp_path / model_type, model_type=model_type)
+        assert _config(tmp_path / model_type)["sliding_window"] == 8
+        back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / model_type).eval()
+        assert type(back).__name__ == architecture
+        assert max_diff(hf_logits(back, x), hf_logits(hf, x)) < TOL
 
 
 def test_both_rope_field_forms_are_read(tmp_path: Path) -> None:
@@ -226,8 +231,9 @@ def test_export_chooses_llama_unless_phi3_is_asked_or_needed(tmp_path: Path) -> 
     assert export_family_of(whole, "phi3").model_type == "phi3"
     partial = spec_from_config({**BASE, "model_type": "phi3", "partial_rotary_factor": 0.5})
     assert export_family_of(partial).model_type == "phi3"
-    with pytest.raises(CheckpointError, match=r"no Llama equivalent(.|\n)*rotary_fraction 0.5"):
-        export_family_of(partial, "llama")
+    for label, model_type in (("Llama", "llama"), ("Mistral", "mistral")):
+        with pytest.raises(CheckpointError, match=rf"no {label} equivalent(.|\n)*rotary_fraction 0.5"):
+            export_family_of(partial, model_type)
     with pytest.raises(CheckpointError, match=r"model_type 'phi4' is not supported \(supported: .*phi3"):
         export_family_of(whole, "phi4")
     biased = whole.model_copy(update={"qkv_bias": True})

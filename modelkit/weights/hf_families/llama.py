@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor
 
 from .base import HFFamily, head_size_problems, rename, rename_back
-from ..hf import _HFSize, KeyRule, _json_type
+from ..hf import _HFSize, KeyRule, _json_type, model_level_problems
 from ..safetensors_file import pydantic_lines
 from ...errors import CheckpointError, SpecError
 from ...spec import ModelSpec, validate_spec
@@ -162,9 +162,11 @@ def _read_config(config: Mapping[str, Any], source: str, model_type: str, label:
 
 
 def _build_spec(cfg: _LlamaConfig, name: str, source: str, label: str, positional: dict[str, Any],
-                problems: list[str], *, qkv_bias: bool, out_bias: bool, mlp_bias: bool) -> ModelSpec:
+                problems: list[str], *, qkv_bias: bool, out_bias: bool, mlp_bias: bool,
+                attention: Mapping[str, Any] | None = None) -> ModelSpec:
     """The spec of llama parts for a validated config, or :class:`CheckpointError` listing ``problems``
-    (naming ``source``) if there are any, or if the result is not a valid spec."""
+    (naming ``source``) if there are any, or if the result is not a valid spec. ``attention`` holds
+    further ``llama.gqa`` parameters (a sliding window)."""
     if problems:
         raise CheckpointError(f"cannot build a modelkit spec from the {label} config {source}: " + "; ".join(problems))
     data = {
@@ -173,7 +175,7 @@ def _build_spec(cfg: _LlamaConfig, name: str, source: str, label: str, positiona
         "drop_rate": 0.0, "qkv_bias": qkv_bias, "tie_embeddings": cfg.tie_word_embeddings,
         "positional": positional, "norm": {"type": "llama.rmsnorm", "eps": cfg.rms_norm_eps},
         "attention": {"type": "llama.gqa", "num_kv_heads": cfg.num_key_value_heads or cfg.num_attention_heads,
-                      "out_bias": out_bias},
+                      "out_bias": out_bias, **(attention or {})},
         "feedforward": {"type": "llama.swiglu", "hidden_dim": cfg.intermediate_size, "bias": mlp_bias},
         "block": "pre_norm",
     }
@@ -210,12 +212,16 @@ def _rename_folder(sources: Mapping[str, Any], spec: ModelSpec,
     return rename(sources, key_map, ignored=_IGNORED, drop=("lm_head.weight",) if spec.tie_embeddings else ())
 
 
-def _part_problems(spec: ModelSpec, label: str, gqa_check: Callable[[ModelSpec], str | None] | None = None,
-                   *, partial_rotary: bool = False) -> list[str]:
+def _part_problems(spec: ModelSpec, label: str, gqa_check: Callable[[ModelSpec], str | None] | None = None, *,
+                   window: bool = False, window_pattern: bool = False, stated: tuple[str, ...] = (),
+                   partial_rotary: bool = False) -> list[str]:
     """The parts of ``spec`` that are not the llama parts a ``label`` model is made of; with
     ``gqa_check``, also its problem (if any) with a ``llama.gqa`` attention, listed after it. A
-    ``llama.rope`` rotating part of each head (``rotary_fraction`` below 1) is a problem unless
-    ``partial_rotary`` (Llama's and Qwen2's configs rotate whole heads)."""
+    ``llama.gqa`` option the family does not have is a problem too: soft-capping, a query scale, a
+    sliding window (unless ``window``), on some layers only (unless ``window_pattern``); so is a
+    ``llama.rope`` rotating part of each head (``rotary_fraction`` below 1) unless ``partial_rotary``
+    (Llama's, Qwen2's and Mistral's configs rotate whole heads); and so are the model-level fields
+    other than ``stated`` that differ from the book's model."""
     pos, norm, att, ff = spec.positional, spec.norm, spec.attention, spec.feedforward
     problems = []
     if pos.type != "llama.rope":
@@ -226,12 +232,29 @@ def _part_problems(spec: ModelSpec, label: str, gqa_check: Callable[[ModelSpec],
         problems.append(f"norm '{norm.type}' ({label} uses llama.rmsnorm)")
     if att.type != "llama.gqa":
         problems.append(f"attention '{att.type}' ({label} uses llama.gqa)")
-    elif gqa_check is not None and (problem := gqa_check(spec)) is not None:
-        problems.append(problem)
+    else:
+        problems += _gqa_option_problems(spec, label, window, window_pattern)
+        if gqa_check is not None and (problem := gqa_check(spec)) is not None:
+            problems.append(problem)
     if ff.type != "llama.swiglu":
         problems.append(f"feedforward '{ff.type}' ({label} uses llama.swiglu)")
     if spec.block.type != "pre_norm":
         problems.append(f"block '{spec.block.type}' ({label} blocks are pre_norm)")
+    return problems + model_level_problems(spec, label, stated)
+
+
+def _gqa_option_problems(spec: ModelSpec, label: str, window: bool, window_pattern: bool) -> list[str]:
+    """The ``llama.gqa`` options of ``spec`` a ``label`` model does not have (``window``: it can slide a
+    window; ``window_pattern``: on some layers only)."""
+    params = spec.attention.params
+    missing = (("softcap", "attention soft-capping"), ("query_scale", "query scale other than 1/√head_dim"))
+    problems = [f"attention {name} {params[name]} ({label} has no {what})"
+                for name, what in missing if params.get(name) is not None]
+    window_size = params.get("sliding_window")
+    if window_size is not None and not window:
+        problems.append(f"attention sliding_window {window_size} ({label} attends to every position)")
+    elif window_size is not None and not window_pattern and not all(params.get("window_pattern", [True])):
+        problems.append(f"attention window_pattern {params['window_pattern']} ({label} slides the window on every layer)")
     return problems
 
 

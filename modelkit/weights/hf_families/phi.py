@@ -30,7 +30,9 @@ modelkit activation, a ``head_dim`` other than ``hidden_size / num_attention_hea
 outside the key map (e.g. the ``q_layernorm`` of such a folder) are refused as unknown.
 
 Export writes a spec of these parts as ``PhiForCausalLM``; a head without a bias is written with
-a zero ``lm_head.bias`` (the same logits).
+a zero ``lm_head.bias`` (the same logits). Other model-level fields (``head_dim``, ``embedding_scale``,
+``embedding_norm``, ``final_logit_softcap``) and ``llama.gqa``'s window, soft-capping and query scale
+have no Phi equivalent and are refused.
 """
 
 from __future__ import annotations
@@ -44,9 +46,9 @@ from pydantic import Field
 from torch import Tensor
 
 from .base import HFFamily, head_size_problems, rename, rename_back
-from .llama import _LlamaConfig, _read_config, _refuse, _rope
+from .llama import _gqa_option_problems, _LlamaConfig, _read_config, _refuse, _rope
 from .phi3 import rotary_fraction
-from ..hf import _HFSize, EXPORT_ACTIVATIONS, HF_ACTIVATIONS, KeyRule
+from ..hf import _HFSize, EXPORT_ACTIVATIONS, HF_ACTIVATIONS, KeyRule, model_level_problems
 from ...errors import CheckpointError, SpecError
 from ...spec import ModelSpec, validate_spec
 
@@ -162,13 +164,15 @@ def _spec_problems(spec: ModelSpec) -> list[str]:
     if att.type not in ("mha", "llama.gqa") or not att.params.get("out_bias", att.type == "mha") or not spec.qkv_bias:
         problems.append(f"attention {att.model_dump()}, qkv_bias {spec.qkv_bias} "
                         "(Phi uses mha or llama.gqa with all biases)")
+    elif att.type == "llama.gqa":
+        problems += _gqa_option_problems(spec, "Phi", False, False)
     act = getattr(ff.params.get("activation"), "type", None)
     if ff.type != "mlp" or not ff.params.get("bias", True) or act not in EXPORT_ACTIVATIONS:
         problems.append(f"feedforward {ff.model_dump()} (Phi uses mlp with biases and one of "
                         f"{', '.join(EXPORT_ACTIVATIONS)})")
     if block.type != "parallel" or not block.params.get("shared_norm", True):
         problems.append(f"block {block.model_dump()} (Phi uses parallel with shared_norm true)")
-    return problems
+    return problems + model_level_problems(spec, "Phi", ("head_bias",))
 
 
 def config_from_spec(spec: ModelSpec, dtype: torch.dtype = torch.float32) -> dict[str, Any]:

@@ -7,10 +7,9 @@ stored fused. The spec is the llama plugin's parts, as for :mod:`.llama`: ``llam
 ``llama.swiglu`` (``intermediate_size``, no bias), ``pre_norm`` blocks, ``tie_embeddings`` from
 ``tie_word_embeddings`` (Phi-3's default: false), ``drop_rate`` 0.
 
-``sliding_window`` (Phi-3-mini-4k: 2047) lets each token attend to itself and the
-``sliding_window - 1`` tokens before it; modelkit's attention is not windowed, so the spec's
-``context_length`` is ``min(max_position_embeddings, sliding_window)``: on every sequence the
-model accepts the window covers all earlier tokens, and the two compute the same thing.
+``sliding_window`` (Phi-3-mini-4k: 2047; ``null``: full attention) is ``llama.gqa``'s
+``sliding_window`` on every layer, as transformers' ``Phi3ForCausalLM`` computes it: a query sees
+itself and the ``sliding_window - 1`` positions before it.
 
 The key map is explicit (per block ``model.layers.N``); the fused tensors are split exactly, by
 rows, on import (:func:`split_rows`) and joined by concatenation on export::
@@ -32,10 +31,11 @@ Refused with a :class:`CheckpointError` naming the field: a ``rope_type`` other 
 ``partial_rotary_factor`` outside (0, 1] or given twice with two values, ``hidden_act`` other than
 ``silu``, a ``head_dim`` other than ``hidden_size / num_attention_heads``.
 
-Export: a spec of these parts without biases is also a Llama spec, and :func:`export_family_of`
-tries Llama first, so such a model is written as ``LlamaForCausalLM`` (the same computation) unless
-Phi-3 is asked for (``export_hf(..., model_type="phi3")``, ``modelkit export-hf --model-type phi3``);
-a ``rotary_fraction`` below 1, which Llama's config cannot state, is written as Phi-3.
+Export: a spec of these parts without biases is also a Llama spec (a Mistral spec with a window),
+and :func:`export_family_of` tries Llama and Mistral first, so such a model is written as
+``LlamaForCausalLM`` / ``MistralForCausalLM`` (the same computation) unless Phi-3 is asked for
+(``export_hf(..., model_type="phi3")``, ``modelkit export-hf --model-type phi3``); a
+``rotary_fraction`` below 1, which neither of their configs can state, is written as Phi-3.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ class _Phi3Config(_LlamaConfig):
     original_max_position_embeddings: _HFSize | None = None
     rms_norm_eps: Annotated[float, Field(gt=0, lt=1)] = 1e-5
     partial_rotary_factor: Any = None
-    sliding_window: _HFSize | None = None
+    sliding_window: Annotated[int, Field(ge=1)] | None = None
     resid_pdrop: _Dropout = 0.0
     embd_pdrop: _Dropout = 0.0
     attention_dropout: _Dropout = 0.0
@@ -127,10 +127,9 @@ def spec_from_config(config: Mapping[str, Any], name: str = "phi3", source: str 
                                                   cfg.rope_parameters or cfg.rope_scaling, 1.0)
     if fraction != 1.0:
         positional["rotary_fraction"] = fraction
-    context = min(cfg.max_position_embeddings, cfg.sliding_window or cfg.max_position_embeddings)
-    windowed = cfg.model_copy(update={"max_position_embeddings": context})
-    return _build_spec(windowed, name, source, "Phi-3", positional, _problems(cfg) + rope_problems + fraction_problems,
-                       qkv_bias=False, out_bias=False, mlp_bias=False)
+    return _build_spec(cfg, name, source, "Phi-3", positional, _problems(cfg) + rope_problems + fraction_problems,
+                       qkv_bias=False, out_bias=False, mlp_bias=False,
+                       attention={"sliding_window": cfg.sliding_window})
 
 
 def split_rows(t: Tensor, sizes: Sequence[int], j: int) -> Tensor:
@@ -194,9 +193,10 @@ def config_from_spec(spec: ModelSpec, dtype: torch.dtype = torch.float32) -> dic
     """The ``config.json`` of a ``Phi3ForCausalLM`` equivalent to ``spec``.
 
     Raises :class:`CheckpointError` naming every part with no Phi-3 equivalent (attention or
-    feed-forward biases, RoPE scaling, parts that are not the llama ones).
+    feed-forward biases, RoPE scaling, a window on some layers only, soft-capping, a query scale,
+    model-level fields, parts that are not the llama ones).
     """
-    problems = _part_problems(spec, "Phi-3", _phi3_biases, partial_rotary=True)
+    problems = _part_problems(spec, "Phi-3", _phi3_biases, window=True, partial_rotary=True)
     if spec.feedforward.type == "llama.swiglu" and spec.feedforward.params.get("bias"):
         problems.append("feedforward bias true (Phi-3's MLP has no biases)")
     if spec.positional.type == "llama.rope" and spec.positional.params.get("scaling", "none") != "none":
@@ -206,7 +206,8 @@ def config_from_spec(spec: ModelSpec, dtype: torch.dtype = torch.float32) -> dic
     fields.pop("head_dim")  # not a Phi3Config field; transformers derives it as modelkit does
     fields["rope_parameters"]["partial_rotary_factor"] = float(spec.positional.params.get("rotary_fraction", 1.0))
     return {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", **fields,
-            "original_max_position_embeddings": spec.context_length, "sliding_window": None,
+            "original_max_position_embeddings": spec.context_length,
+            "sliding_window": spec.attention.params.get("sliding_window"),
             "resid_pdrop": spec.drop_rate, "embd_pdrop": spec.drop_rate,
             "bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
 
