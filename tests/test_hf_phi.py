@@ -146,7 +146,8 @@ def test_both_rope_field_forms_are_read(tmp_path: Path) -> None:
     ({"hidden_act": "gelu_fast"}, "hidden_act 'gelu_fast'"),
     ({"head_dim": 32}, "head_dim 32"),
     ({"num_key_value_heads": 3}, "num_kv_heads"),
-    ({"partial_rotary_factor": 0.25}, "partial_rotary_factor 0.25 and rope_parameters.partial_rotary_factor 0.4 differ"),
+    ({"partial_rotary_factor": 0.25},
+     "partial_rotary_factor 0.25 and rope_parameters.partial_rotary_factor 0.4 differ"),
     ({"partial_rotary_factor": 0, "rope_parameters": None}, "partial_rotary_factor 0 is not in (0, 1]"),
     ({"layer_norm_eps": -1.0}, "layer_norm_eps"),
     ({"resid_pdrop": "0.1"}, "resid_pdrop"),
@@ -160,7 +161,8 @@ def test_unsupported_or_malformed_configs_are_refused(tmp_path: Path, change: di
     assert "config.json" in str(info.value)
 
 
-@pytest.mark.parametrize("extra", ["model.layers.0.self_attn.q_layernorm.weight", "model.layers.1.post_attention_layernorm.bias"])
+@pytest.mark.parametrize("extra", ["model.layers.0.self_attn.q_layernorm.weight",
+                                   "model.layers.1.post_attention_layernorm.bias"])
 def test_unknown_tensor_is_refused(tmp_path: Path, extra: str) -> None:
     hf = make_hf(**VARIANTS["phi2-like"])
     state = hf.state_dict()

@@ -22,7 +22,7 @@ from modelkit import CheckpointError, build_model, load_spec
 from modelkit.cli import main as cli_main
 from modelkit.weights.checkpoint import save_checkpoint
 from modelkit.weights.hf_families import export_family_of, export_hf, load_hf
-from modelkit.weights.hf_families.phi3 import spec_from_config, to_hf
+from modelkit.weights.hf_families.phi3 import spec_from_config, to_hf, to_modelkit
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("modelkit_llama")
@@ -107,7 +107,6 @@ def test_fused_split_is_exact_and_joins_back() -> None:
     rows: gate, then up; both split exactly and joined back bit for bit."""
     hf = make_hf(**VARIANTS["gqa-partial"])
     model = build_model(spec_from_config({**hf.config.to_dict(), "model_type": "phi3"}))
-    from modelkit.weights.hf_families.phi3 import to_modelkit
     mapped, unknown = to_modelkit(hf.state_dict(), model.spec)
     assert unknown == []
     model.load_state_dict(mapped)
@@ -130,7 +129,6 @@ def test_partial_rotary_matters() -> None:
     """Rotating whole heads instead of half changes the logits, so the parity above covers it."""
     hf = make_hf(**VARIANTS["gqa-partial"])
     model = build_model(spec_from_config({**hf.config.to_dict(), "model_type": "phi3"}))
-    from modelkit.weights.hf_families.phi3 import to_modelkit
     model.load_state_dict(to_modelkit(hf.state_dict(), model.spec)[0])
     x = batch(300, 10, seed=4)
     ref = hf_logits(hf, x)
@@ -194,7 +192,8 @@ def test_both_rope_field_forms_are_read(tmp_path: Path) -> None:
     ({"partial_rotary_factor": 1.5, "rope_parameters": None}, "partial_rotary_factor 1.5 is not in (0, 1]"),
     ({"partial_rotary_factor": None, "rope_parameters": {"rope_type": "default", "partial_rotary_factor": "half"}},
      "partial_rotary_factor: expected a number, got a string"),
-    ({"partial_rotary_factor": 0.25}, "partial_rotary_factor 0.25 and rope_parameters.partial_rotary_factor 0.5 differ"),
+    ({"partial_rotary_factor": 0.25},
+     "partial_rotary_factor 0.25 and rope_parameters.partial_rotary_factor 0.5 differ"),
     ({"partial_rotary_factor": 0.1, "rope_parameters": None}, "rotary_fraction"),
     ({"sliding_window": 0}, "sliding_window"),
     ({"resid_pdrop": 2.0}, "resid_pdrop"),
@@ -211,9 +210,12 @@ def test_unsupported_or_malformed_configs_are_refused(tmp_path: Path, change: di
 
 
 @pytest.mark.parametrize("key, shape, message", [
-    ("model.layers.0.self_attn.qkv_proj.weight", (3 * 64, 64), r"qkv_proj.weight: shape \(192, 64\) is not \(64 \+ 32 \+ 32"),
-    ("model.layers.1.mlp.gate_up_proj.weight", (2 * 96 + 1, 64), r"gate_up_proj.weight: shape \(193, 64\) is not \(96 \+ 96"),
-    ("model.layers.0.self_attn.qkv_proj.bias", (128,), r"not part of Phi-3 \(1\): model.layers.0.self_attn.qkv_proj.bias"),
+    ("model.layers.0.self_attn.qkv_proj.weight", (3 * 64, 64),
+     r"qkv_proj.weight: shape \(192, 64\) is not \(64 \+ 32 \+ 32"),
+    ("model.layers.1.mlp.gate_up_proj.weight", (2 * 96 + 1, 64),
+     r"gate_up_proj.weight: shape \(193, 64\) is not \(96 \+ 96"),
+    ("model.layers.0.self_attn.qkv_proj.bias", (128,),
+     r"not part of Phi-3 \(1\): model.layers.0.self_attn.qkv_proj.bias"),
 ])
 def test_malformed_or_unknown_tensors_are_refused(tmp_path: Path, key: str, shape: tuple[int, ...],
                                                   message: str) -> None:
