@@ -11,22 +11,20 @@ export picks Phi. No downloads.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from hf_parity import (CONFIGS, TOL, FamilyParity, batch, check_config_refused, check_logits, check_meta_count,
+                       check_tensor_refused, hf_logits, max_diff, perturbed, save_tiny)
 from modelkit import CheckpointError, build_model, load_spec
 from modelkit.weights.hf_families import export_family_of, export_hf, load_hf
 from modelkit.weights.hf_families.phi import spec_from_config
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("modelkit_llama")
-sys.path.insert(0, str(Path(__file__).parent))
-from hf_parity import (CONFIGS, TOL, batch, check_cli_roundtrip, check_family, check_logits,  # noqa: E402
-                       check_meta_count, check_runtime, hf_logits, max_diff, perturbed)
 
 BASE: dict[str, Any] = dict(vocab_size=300, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
                             num_attention_heads=4, max_position_embeddings=64,
@@ -49,37 +47,32 @@ def make_hf(seed: int = 0, **kw: Any) -> Any:
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def hf_folder(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Any, Path]:
     hf = make_hf(**VARIANTS[request.param])
-    folder = tmp_path_factory.mktemp(f"phi-{request.param}")
-    hf.save_pretrained(folder)
-    return request.param, hf, folder
+    return request.param, hf, save_tiny(hf, tmp_path_factory.mktemp(f"phi-{request.param}"))
 
 
 def _config(folder: Path) -> dict[str, Any]:
     return json.loads((folder / "config.json").read_text())
 
 
-def test_parity_with_transformers(hf_folder: tuple[str, Any, Path]) -> None:
+class TestParity(FamilyParity):
+    architecture = "PhiForCausalLM"
+
+    def check_export(self, back: Any, hf: Any) -> None:
+        """The export holds transformers' own tensors, bit for bit (the head's bias included)."""
+        assert back.config.tie_word_embeddings == hf.config.tie_word_embeddings
+        for key, tensor in hf.state_dict().items():
+            assert torch.equal(back.state_dict()[key], tensor), key
+
+
+def test_spec_is_registered_parts(hf_folder: tuple[str, Any, Path]) -> None:
     name, hf, folder = hf_folder
-    model = check_family(folder, hf, f"phi {name}")
+    model = load_hf(folder)
     spec = model.spec
     assert spec.block.type == "parallel" and spec.block.params == {"shared_norm": True}
     assert spec.head_bias and spec.qkv_bias and spec.attention.params["out_bias"]
     assert spec.tie_embeddings == hf.config.tie_word_embeddings
     assert spec.positional.params["rotary_fraction"] == hf.config.rope_parameters["partial_rotary_factor"]
     assert torch.equal(model.out_head.bias, hf.lm_head.bias)
-
-
-def test_cli_roundtrip(hf_folder: tuple[str, Any, Path], tmp_path: Path) -> None:
-    name, hf, folder = hf_folder
-    back = check_cli_roundtrip(folder, hf, tmp_path, "PhiForCausalLM", f"phi {name}")
-    assert back.config.tie_word_embeddings == hf.config.tie_word_embeddings
-    for key, tensor in hf.state_dict().items():
-        assert torch.equal(back.state_dict()[key], tensor), key
-
-
-def test_runtime(hf_folder: tuple[str, Any, Path]) -> None:
-    name, hf, folder = hf_folder
-    check_runtime(load_hf(folder), hf, f"phi {name}")
 
 
 def test_partial_rotary_and_head_bias_matter(hf_folder: tuple[str, Any, Path]) -> None:
@@ -153,23 +146,13 @@ def test_both_rope_field_forms_are_read(tmp_path: Path) -> None:
     ({"resid_pdrop": "0.1"}, "resid_pdrop"),
 ])
 def test_unsupported_or_malformed_configs_are_refused(tmp_path: Path, change: dict[str, Any], field: str) -> None:
-    make_hf(**VARIANTS["phi2-like"]).save_pretrained(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({**_config(tmp_path), **change}))
-    with pytest.raises(CheckpointError) as info:
-        load_hf(tmp_path)
-    assert field in str(info.value)
-    assert "config.json" in str(info.value)
+    check_config_refused(make_hf(**VARIANTS["phi2-like"]), tmp_path, change, field)
 
 
 @pytest.mark.parametrize("extra", ["model.layers.0.self_attn.q_layernorm.weight",
                                    "model.layers.1.post_attention_layernorm.bias"])
 def test_unknown_tensor_is_refused(tmp_path: Path, extra: str) -> None:
-    hf = make_hf(**VARIANTS["phi2-like"])
-    state = hf.state_dict()
-    state[extra] = torch.ones(16)
-    hf.save_pretrained(tmp_path, state_dict=state)
-    with pytest.raises(CheckpointError, match=rf"not part of Phi \(1\): {extra}"):
-        load_hf(tmp_path)
+    check_tensor_refused(make_hf(**VARIANTS["phi2-like"]), tmp_path, extra, "Phi", torch.ones(16))
 
 
 PHI_2: dict[str, Any] = dict(

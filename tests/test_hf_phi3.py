@@ -11,13 +11,14 @@ naming the field, and how export chooses between Llama, Mistral and Phi-3. No do
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from hf_parity import (CONFIGS, TOL, FamilyParity, batch, check_cli_roundtrip, check_config_refused, check_family,
+                       check_logits, check_meta_count, check_tensor_refused, hf_logits, max_diff, perturbed, save_tiny)
 from modelkit import CheckpointError, build_model, load_spec
 from modelkit.cli import main as cli_main
 from modelkit.weights.checkpoint import save_checkpoint
@@ -26,9 +27,6 @@ from modelkit.weights.hf_families.phi3 import spec_from_config, to_hf, to_modelk
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("modelkit_llama")
-sys.path.insert(0, str(Path(__file__).parent))
-from hf_parity import (CONFIGS, TOL, batch, check_cli_roundtrip, check_family, check_logits,  # noqa: E402
-                       check_meta_count, check_runtime, hf_logits, max_diff, perturbed)
 
 BASE: dict[str, Any] = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                             num_attention_heads=4, max_position_embeddings=64,
@@ -51,32 +49,34 @@ def make_hf(seed: int = 0, **kw: Any) -> Any:
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def hf_folder(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Any, Path]:
     hf = make_hf(**VARIANTS[request.param])
-    folder = tmp_path_factory.mktemp(f"phi3-{request.param}")
-    hf.save_pretrained(folder)
-    return request.param, hf, folder
+    return request.param, hf, save_tiny(hf, tmp_path_factory.mktemp(f"phi3-{request.param}"))
 
 
 def _config(folder: Path) -> dict[str, Any]:
     return json.loads((folder / "config.json").read_text())
 
 
-def test_parity_with_transformers(hf_folder: tuple[str, Any, Path]) -> None:
+class TestParity(FamilyParity):
+    architecture = "Phi3ForCausalLM"
+
+    def test_import_hf_cli_then_export_hf_roundtrip(self, hf_folder: tuple[str, Any, Path], tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+        """Without partial rotary the model is Llama's parts and exports as Llama (the same logits);
+        with it only Phi-3 can state the model."""
+        name, hf, folder = hf_folder
+        architecture = "Phi3ForCausalLM" if name == "gqa-partial" else "LlamaForCausalLM"
+        back = check_cli_roundtrip(folder, hf, tmp_path, architecture, self.label(name))
+        assert "wrote" in capsys.readouterr().out
+        assert back.config.tie_word_embeddings == hf.config.tie_word_embeddings
+
+
+def test_spec_is_llama_parts_without_biases(hf_folder: tuple[str, Any, Path]) -> None:
     name, hf, folder = hf_folder
-    model = check_family(folder, hf, f"phi3 {name}")
-    spec = model.spec
+    spec = load_hf(folder).spec
     assert spec.attention.type == "llama.gqa" and spec.attention.params["num_kv_heads"] == hf.config.num_key_value_heads
     assert not spec.qkv_bias and not spec.attention.params["out_bias"] and not spec.feedforward.params["bias"]
     assert spec.tie_embeddings == hf.config.tie_word_embeddings
     assert spec.positional.params["rotary_fraction"] == hf.config.rope_parameters["partial_rotary_factor"]
-
-
-def test_cli_roundtrip(hf_folder: tuple[str, Any, Path], tmp_path: Path) -> None:
-    """Without partial rotary the model is Llama's parts and exports as Llama (the same logits);
-    with it only Phi-3 can state the model."""
-    name, hf, folder = hf_folder
-    architecture = "Phi3ForCausalLM" if name == "gqa-partial" else "LlamaForCausalLM"
-    back = check_cli_roundtrip(folder, hf, tmp_path, architecture, f"phi3 {name}")
-    assert back.config.tie_word_embeddings == hf.config.tie_word_embeddings
 
 
 def test_export_as_phi3_when_asked_joins_the_fused_tensors_bit_for_bit(hf_folder: tuple[str, Any, Path],
@@ -95,11 +95,6 @@ def test_export_as_phi3_when_asked_joins_the_fused_tensors_bit_for_bit(hf_folder
     assert set(ours) == set(theirs)
     for key, tensor in theirs.items():
         assert torch.equal(ours[key], tensor), key
-
-
-def test_runtime(hf_folder: tuple[str, Any, Path]) -> None:
-    name, hf, folder = hf_folder
-    check_runtime(load_hf(folder), hf, f"phi3 {name}")
 
 
 def test_fused_split_is_exact_and_joins_back() -> None:
@@ -200,13 +195,7 @@ def test_both_rope_field_forms_are_read(tmp_path: Path) -> None:
     ({"rms_norm_eps": "1e-5"}, "rms_norm_eps"),
 ])
 def test_unsupported_or_malformed_configs_are_refused(tmp_path: Path, change: dict[str, Any], field: str) -> None:
-    make_hf(**VARIANTS["gqa-partial"]).save_pretrained(tmp_path)
-    config = {**_config(tmp_path), **change}
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError) as info:
-        load_hf(tmp_path)
-    assert field in str(info.value)
-    assert "config.json" in str(info.value)
+    check_config_refused(make_hf(**VARIANTS["gqa-partial"]), tmp_path, change, field)
 
 
 @pytest.mark.parametrize("key, shape, message", [
@@ -214,17 +203,19 @@ def test_unsupported_or_malformed_configs_are_refused(tmp_path: Path, change: di
      r"qkv_proj.weight: shape \(192, 64\) is not \(64 \+ 32 \+ 32"),
     ("model.layers.1.mlp.gate_up_proj.weight", (2 * 96 + 1, 64),
      r"gate_up_proj.weight: shape \(193, 64\) is not \(96 \+ 96"),
-    ("model.layers.0.self_attn.qkv_proj.bias", (128,),
-     r"not part of Phi-3 \(1\): model.layers.0.self_attn.qkv_proj.bias"),
 ])
-def test_malformed_or_unknown_tensors_are_refused(tmp_path: Path, key: str, shape: tuple[int, ...],
-                                                  message: str) -> None:
+def test_malformed_fused_tensors_are_refused(tmp_path: Path, key: str, shape: tuple[int, ...], message: str) -> None:
     hf = make_hf(**VARIANTS["gqa-partial"])
     state = hf.state_dict()
     state[key] = torch.ones(shape)
     hf.save_pretrained(tmp_path, state_dict=state)
     with pytest.raises(CheckpointError, match=message):
         load_hf(tmp_path)
+
+
+def test_unknown_tensor_is_refused(tmp_path: Path) -> None:
+    check_tensor_refused(make_hf(**VARIANTS["gqa-partial"]), tmp_path, "model.layers.0.self_attn.qkv_proj.bias",
+                         "Phi-3", torch.ones(128))
 
 
 def test_export_chooses_llama_unless_phi3_is_asked_or_needed(tmp_path: Path) -> None:
