@@ -264,7 +264,8 @@ def test_cli_import_then_export_round_trip(hf_folder: tuple[str, Any, Path], tmp
     name, hf, folder = hf_folder
     check_cli_roundtrip(folder, hf, tmp_path, "GPT2LMHeadModel", "gpt2")
     assert "wrote" in capsys.readouterr().out
-    assert read_checkpoint(tmp_path / "gpt2.safetensors").user_metadata == {"source": f"hf:{folder}"}
+    assert read_checkpoint(tmp_path / "gpt2.safetensors").user_metadata == {"source": f"hf:{folder}",
+                                                                               "hf_model_type": "gpt2"}
 
 
 def test_cli_import_with_dtype(hf_folder: tuple[str, Any, Path], tmp_path: Path) -> None:
@@ -283,3 +284,13 @@ def test_cli_export_refusal_is_reported(tmp_path: Path, capsys: pytest.CaptureFi
 def test_cli_import_of_a_non_hf_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["import-hf", str(tmp_path), str(tmp_path / "x.safetensors")]) == 2
     assert "config.json" in capsys.readouterr().err
+
+
+def test_export_falls_back_when_the_recorded_family_cannot_state_the_model() -> None:
+    """A checkpoint imported from an OPT folder but holding a GPT-2 model exports as GPT-2."""
+    from modelkit.weights.hf_families import HF_MODEL_TYPE_KEY, default_export_type
+
+    spec = load_spec(CONFIGS / "gpt2.json")
+    assert default_export_type(spec, {HF_MODEL_TYPE_KEY: "opt"}) is None
+    assert default_export_type(spec, {HF_MODEL_TYPE_KEY: "gpt2"}) == "gpt2"
+    assert default_export_type(spec, {HF_MODEL_TYPE_KEY: "no-such-family"}) is None

@@ -10,25 +10,27 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser("export-hf", help="write a modelkit checkpoint as a Hugging Face folder (GPT-2, Llama, ...)",
                        description="Write model.safetensors and config.json that "
                                    "transformers.AutoModelForCausalLM.from_pretrained opens, as the first family "
-                                   "(gpt2, llama, qwen2, opt, gpt_neox, mistral, phi3, phi) whose config can state "
-                                   "the model's parts, or as --model-type, and tokenizer.json when the checkpoint "
+                                   "(gpt2, llama, qwen2, opt, gpt_neox, mistral, bloom, phi3, phi, ...) whose config can "
+                                   "state the model's parts, or as the model_type it was imported from, or --model-type, and tokenizer.json when the checkpoint "
                                    "stores one. Refuses models whose components have no equivalent in the family.")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a modelkit checkpoint (.safetensors)")
     p.add_argument("out_dir", metavar="OUT_DIR", help="the folder to write (created if needed)")
     p.add_argument("--model-type", default=None, metavar="MODEL_TYPE",
                    help="write this Hugging Face model_type (e.g. phi3 for Llama's parts without biases); "
-                        "default: the first family whose config can state the model's parts")
+                        "default: the model_type the checkpoint was imported from (import-hf records it) if that "
+                        "family can still state the model, else the first family whose config can")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..weights.checkpoint import load_checkpoint, read_checkpoint, stored_tokenizer_file
-    from ..weights.hf_families import export_family_of, export_hf
+    from ..weights.hf_families import default_export_type, export_family_of, export_hf
 
     info = read_checkpoint(args.checkpoint)
-    export_family_of(info.spec, args.model_type)  # refuse before loading any weights
+    model_type = args.model_type or default_export_type(info.spec, info.metadata)
+    export_family_of(info.spec, model_type)  # refuse before loading any weights
     tokenizer_json = stored_tokenizer_file(info)  # checked against its recorded sha256
-    out = export_hf(load_checkpoint(args.checkpoint), args.out_dir, model_type=args.model_type,
+    out = export_hf(load_checkpoint(args.checkpoint), args.out_dir, model_type=model_type,
                     tokenizer_json=tokenizer_json)
     written = ["model.safetensors", "config.json"] + (["tokenizer.json"] if tokenizer_json is not None else [])
     print(f"wrote {', '.join(str(out / name) for name in written)}")

@@ -23,6 +23,7 @@ key-map and writing machinery); nothing there imports this package.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -43,8 +44,6 @@ from .phi3 import PHI3
 from .qwen2 import QWEN2
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from ...hf_tokenizer import HFTokenizer
     from ...model import GPTModel
 
@@ -143,8 +142,8 @@ def import_hf(folder: str | os.PathLike[str], output: str | os.PathLike[str], *,
     """Convert a Hugging Face folder into the modelkit checkpoint ``output`` and return the model.
 
     The model is :func:`load_hf`'s; the checkpoint records the folder's tokenizer
-    (:func:`folder_tokenizer`; a ``tokenizer.json`` is stored in it) and ``metadata`` (default
-    ``{"source": "hf:FOLDER"}``). The tokenizer is read first, so a bad one is refused before any
+    (:func:`folder_tokenizer`; a ``tokenizer.json`` is stored in it), ``metadata`` (default
+    ``{"source": "hf:FOLDER"}``) and the folder's ``model_type`` (:data:`HF_MODEL_TYPE_KEY`). The tokenizer is read first, so a bad one is refused before any
     weights; one with more tokens than the model's ``vocab_size`` is refused too
     (:class:`CheckpointError`), and nothing is written then.
     """
@@ -153,8 +152,29 @@ def import_hf(folder: str | os.PathLike[str], output: str | os.PathLike[str], *,
     tokenizer = folder_tokenizer(folder)
     model = load_hf(folder, spec=spec, dtype=dtype)
     extra = dict(metadata) if metadata is not None else {"source": f"hf:{folder}"}
+    config = _read_json(Path(folder) / "config.json") if (Path(folder) / "config.json").exists() else None
+    extra[HF_MODEL_TYPE_KEY] = family_for(config).model_type if config is not None else "gpt2"
     save_checkpoint(model, output, metadata=extra, tokenizer=tokenizer)
     return model
+
+
+#: The checkpoint metadata key where :func:`import_hf` records the folder's ``model_type``, which
+#: ``modelkit export-hf`` writes back by default (when that family can still state the model).
+HF_MODEL_TYPE_KEY = "hf_model_type"
+
+
+def default_export_type(spec: ModelSpec, metadata: Mapping[str, str]) -> str | None:
+    """The ``model_type`` a checkpoint was imported from (``metadata[HF_MODEL_TYPE_KEY]``) if that family
+    can state ``spec``, else None (the first family that can is chosen): a Phi-3 import exports as
+    Phi-3, not as the Llama it is equivalent to."""
+    recorded = metadata.get(HF_MODEL_TYPE_KEY)
+    if recorded not in FAMILIES:
+        return None
+    try:
+        export_family_of(spec, recorded)
+    except CheckpointError:
+        return None
+    return recorded
 
 
 def export_family_of(spec: ModelSpec, model_type: str | None = None) -> HFFamily:
