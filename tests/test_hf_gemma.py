@@ -137,7 +137,8 @@ def test_gemma_2b_spec_matches_its_hf_config_and_counts_what_transformers_counts
 
 
 def test_both_rope_field_forms_read_the_same() -> None:
-    new = spec_from_config(dict(BASE, model_type="gemma", rope_parameters={"rope_type": "default", "rope_theta": 500.0}))
+    new = spec_from_config(dict(BASE, model_type="gemma",
+                                rope_parameters={"rope_type": "default", "rope_theta": 500.0}))
     old = spec_from_config(dict({k: v for k, v in BASE.items() if k != "rope_parameters"}, model_type="gemma",
                                 rope_theta=500.0, rope_scaling=None))
     assert new == old and new.positional.params["theta"] == 500.0

@@ -117,7 +117,8 @@ def _logit_diff(model: nn.Module, hf: Any) -> float:
     ({"softcap": None}, {}), ({"query_scale": None}, {}), ({"sliding_window": None, "window_pattern": [True]}, {}),
     ({}, {"final_logit_softcap": None}),
 ], ids=["attention-softcap", "query-pre-attn-scalar", "sliding-window", "final-softcap"])
-def test_each_gemma2_part_matters(tied: tuple[Any, Path], attention: dict[str, Any], model_level: dict[str, Any]) -> None:
+def test_each_gemma2_part_matters(tied: tuple[Any, Path], attention: dict[str, Any],
+                                  model_level: dict[str, Any]) -> None:
     """The same weights under a spec without one Gemma 2 part give other logits than transformers',
     by more than the parity tolerance: the parity above covers each part."""
     hf, folder = tied
@@ -164,7 +165,8 @@ def test_gemma_2_2b_spec_matches_its_hf_config_and_counts_what_transformers_coun
 
 
 def test_both_rope_field_forms_read_the_same() -> None:
-    new = spec_from_config(dict(BASE, model_type="gemma2", rope_parameters={"rope_type": "default", "rope_theta": 500.0}))
+    new = spec_from_config(dict(BASE, model_type="gemma2",
+                                rope_parameters={"rope_type": "default", "rope_theta": 500.0}))
     old = spec_from_config(dict({k: v for k, v in BASE.items() if k != "rope_parameters"}, model_type="gemma2",
                                 rope_theta=500.0, rope_scaling=None))
     assert new == old and new.positional.params["theta"] == 500.0
@@ -206,7 +208,8 @@ def test_shortest_period() -> None:
     ({"hidden_activation": "gelu_new"}, "hidden_activation 'gelu_new'"),
     ({"hidden_activation": None}, "hidden_activation is null"),
     ({"layer_types": ["sliding_attention", "full_attention"]}, "layer_types has 2 entries"),
-    ({"layer_types": ["sliding_attention", "chunked_attention", "full_attention"]}, "layer_types ['chunked_attention']"),
+    ({"layer_types": ["sliding_attention", "chunked_attention", "full_attention"]},
+     "layer_types ['chunked_attention']"),
     ({"sliding_window": None}, "sliding_window is null"),
     ({"sliding_window": 0}, "sliding_window"),
     ({"query_pre_attn_scalar": "24"}, "query_pre_attn_scalar"),

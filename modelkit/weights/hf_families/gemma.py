@@ -32,6 +32,7 @@ RoPE scaling, an embedding scale other than √emb_dim, soft-capping, a sliding 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Annotated, Any, cast
 
@@ -48,8 +49,8 @@ from ...spec import ModelSpec, validate_spec
 if TYPE_CHECKING:
     from ...model import GPTModel
 
-GEMMA_KEY_MAP: tuple[KeyRule, ...] = tuple(rule for rule in LLAMA_KEY_MAP if not rule.hf.startswith("model.layers.{i}.mlp.")
-                                           or rule.hf.endswith(".weight"))
+_MLP_BIAS = re.compile(r"\.mlp\.\w+\.bias$")
+GEMMA_KEY_MAP: tuple[KeyRule, ...] = tuple(rule for rule in LLAMA_KEY_MAP if not _MLP_BIAS.search(rule.hf))
 
 #: Hugging Face activation names -> modelkit activations, as ``ACT2FN`` computes them
 #: (Gemma's config turns a legacy ``gelu`` into ``gelu_pytorch_tanh``: see :data:`GEMMA_ACTIVATIONS`).

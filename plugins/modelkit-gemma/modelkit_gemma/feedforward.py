@@ -26,8 +26,10 @@ class GatedFeedForward(FeedForward):
         self,
         dims: ModelDims,
         *,
-        hidden_mult: Annotated[int, Field(gt=0, le=MAX_HIDDEN_MULT, description="hidden size as a multiple of emb_dim")] = 4,
-        hidden_dim: Annotated[int | None, Field(gt=0, le=MAX_HIDDEN_DIM, description="hidden size; overrides hidden_mult")] = None,
+        hidden_mult: Annotated[int, Field(gt=0, le=MAX_HIDDEN_MULT,
+                                          description="hidden size as a multiple of emb_dim")] = 4,
+        hidden_dim: Annotated[int | None, Field(gt=0, le=MAX_HIDDEN_DIM,
+                                                description="hidden size; overrides hidden_mult")] = None,
         activation: Annotated[nn.Module, SubComponent("activation")] = "gelu",  # type: ignore[assignment]
         bias: Annotated[bool, Field(description="biases in the three linear layers")] = False,
     ) -> None:
