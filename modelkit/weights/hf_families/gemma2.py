@@ -30,7 +30,9 @@ copied as stored)::
 Refused with a :class:`CheckpointError` naming the field: a ``rope_type`` other than ``default``, a
 ``hidden_activation`` other than the GELUs, ``silu`` and ``relu``, ``layer_types`` of another
 length or with other entries than ``sliding_attention`` / ``full_attention``, sliding layers with
-``sliding_window: null``, ``use_bidirectional_attention: true``.
+``sliding_window: null``, ``use_bidirectional_attention: true``. Export refuses specs with no Gemma 2
+equivalent (other parts or blocks, RoPE scaling, a query scale that is not ``s ** -0.5`` for a whole
+``s``, an embedding scale other than √emb_dim, a head bias...).
 """
 
 from __future__ import annotations
@@ -154,7 +156,10 @@ def _layer_types(spec: ModelSpec) -> list[str]:
 
 
 def config_from_spec(spec: ModelSpec, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """The ``config.json`` of a ``Gemma2ForCausalLM`` equivalent to ``spec``.
+    """The ``config.json`` of a ``Gemma2ForCausalLM`` equivalent to ``spec``: ``layer_types`` from the
+    window pattern; without a window every layer is ``full_attention`` (``sliding_window`` is then
+    written as the context length, which no layer reads); ``query_pre_attn_scalar`` the whole number
+    whose ``** -0.5`` is the query scale (the head size without one).
 
     Raises :class:`CheckpointError` naming every part with no Gemma 2 equivalent.
     """
