@@ -18,8 +18,9 @@ examples:
       --override n_layers=6 emb_dim=256 context_length=256
   modelkit compare a.json b.json --train-steps 200 --data book.txt --markdown
 
-FLOPs/token (forward) = 2*N_matmul + 4*n_layers*n_ctx*emb_dim; N_matmul = weights of every linear
-layer, output head included (Kaplan et al. 2020, counting both attention matmuls as Chinchilla does).
+FLOPs/token (forward) = 2*N_matmul + 4*n_layers*n_ctx*d_attn; N_matmul = weights of every linear
+layer, output head included; d_attn = n_heads*head_dim, emb_dim unless the spec gives head_dim
+(Kaplan et al. 2020, counting both attention matmuls as Chinchilla does).
 """
 
 
@@ -135,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     if len(set(vocabularies.values())) > 1:
         print("vocabularies differ (" + ", ".join(f"{n} {v:,}" for n, v in vocabularies.items()) + "): "
               "'w/o embeddings' compares the architectures; losses are per GPT-2 token of the same text")
-    print("GFLOPs/token: forward, 2*N_matmul + 4*n_layers*n_ctx*emb_dim (see modelkit.compare)")
+    print("GFLOPs/token: forward, 2*N_matmul + 4*n_layers*n_ctx*d_attn (see modelkit.compare)")
     if args.speed:
         from ..devices import resolve_device
 

@@ -34,6 +34,8 @@ from ...errors import CheckpointError
 from ...spec import ModelSpec, load_spec
 from .base import HFFamily
 from .bloom import BLOOM
+from .gemma import GEMMA
+from .gemma2 import GEMMA2
 from .gpt2 import GPT2
 from .gpt_neox import GPT_NEOX
 from .llama import LLAMA
@@ -57,6 +59,8 @@ FAMILIES: dict[str, HFFamily] = {family.model_type: family for family in (
     BLOOM,
     PHI3,
     PHI,
+    GEMMA,
+    GEMMA2,
 )}
 
 
