@@ -184,11 +184,12 @@ def test_cli_needs_data_to_train(tmp_path, capsys):
 
 # -- specs of different families, shrunk with --override (issue 18) --------------------------------
 
-SHRINK = ["n_layers=2", "emb_dim=64", "n_heads=4", "vocab_size=300", "context_length=64",
+SHRINK = ["n_layers=2", "emb_dim=64", "n_heads=4", "head_dim=16", "vocab_size=300", "context_length=64",
           "attention.num_kv_heads=2", "feedforward.hidden_dim=128"]
 FAMILY_SPECS = [  # one line a family: (spec file, the SHRINK overrides its parts do not declare)
     ("configs/gpt2-small.json", ["attention.num_kv_heads"]),
     ("configs/pretrained/llama-3.2-1b.json", []),
+    ("configs/pretrained/gemma-2b.json", []),
 ]
 
 
