@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
+import torch
+import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
@@ -12,6 +14,27 @@ from modelkit.components.attention import BackendName, attend
 from modelkit.components.base import Attention, LayerContext, ModelDims
 from modelkit.components.kernels import get_attention_kernel
 from modelkit.limits import MAX_N_HEADS
+
+#: Where ``llama.gqa`` RMS-normalises queries and keys: nowhere, over each head, or over the whole projection.
+QKNormName = Literal["none", "head", "projection"]
+
+
+class QKNorm(nn.Module):
+    """RMSNorm of queries or keys over their last ``size`` features: ``weight · x / √(mean(x²) + eps)``,
+    computed in float32 and cast back to the input's dtype before scaling (as ``llama.rmsnorm``).
+    Parameter: ``weight`` (ones, ``size``)."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x: (..., size)`` -> the same shape and dtype."""
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
 class GroupedQueryAttention(Attention):
@@ -22,6 +45,11 @@ class GroupedQueryAttention(Attention):
     (emb -> num_kv_heads·head_dim, biased if the spec's ``qkv_bias``) and ``out_proj``. Only the
     num_kv_heads key/value heads are cached; they are shared by their query groups after caching.
     ``backend`` picks the kernel, as for ``mha``; dropout applies to the attention weights.
+
+    ``qk_norm`` RMS-normalises queries and keys before RoPE (weights ``q_norm``, ``k_norm``, eps
+    ``qk_norm_eps``): ``"head"`` over each head's ``head_dim`` features (Qwen3), ``"projection"``
+    over the whole query (n_heads·head_dim) and key (num_kv_heads·head_dim) projections before the
+    head split (OLMo 2); ``"none"`` (default) adds no module.
     """
 
     def __init__(
@@ -32,6 +60,10 @@ class GroupedQueryAttention(Attention):
                                                   description="key/value heads; must divide n_heads (None: n_heads)")] = None,
         backend: BackendName = "sdpa",
         out_bias: Annotated[bool, Field(description="bias in out_proj")] = False,
+        qk_norm: Annotated[QKNormName, Field(
+            description="RMSNorm of q and k before RoPE: none, per head (Qwen3), or over the whole "
+                        "projection (OLMo 2)")] = "none",
+        qk_norm_eps: Annotated[float, Field(gt=0, lt=1, description="eps of the q/k RMSNorms")] = 1e-6,
     ) -> None:
         super().__init__()
         problems = list(self.check_dims(dims, num_kv_heads=num_kv_heads))
@@ -47,6 +79,11 @@ class GroupedQueryAttention(Attention):
         self.W_value = nn.Linear(dims.emb_dim, kv_dim, bias=dims.qkv_bias)
         self.out_proj = nn.Linear(dims.emb_dim, dims.emb_dim, bias=out_bias)
         self.dropout = nn.Dropout(dims.drop_rate)
+        self.qk_norm = qk_norm
+        if qk_norm != "none":  # built after the projections: the default builds exactly what it did
+            per_head = qk_norm == "head"
+            self.q_norm = QKNorm(self.head_dim if per_head else self.num_heads * self.head_dim, qk_norm_eps)
+            self.k_norm = QKNorm(self.head_dim if per_head else kv_dim, qk_norm_eps)
         self.backend = backend
         self.kernel = get_attention_kernel(backend)
 
@@ -72,12 +109,17 @@ class GroupedQueryAttention(Attention):
         (the module or any function computing it)."""
         b, s, _ = x.shape
         q, k, v = qkv
+        if self.qk_norm == "projection":
+            q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
         out = attend(q, k, v, ctx, self.kernel, dropout_p)
         return out_proj(out.transpose(1, 2).reshape(b, s, self.d_out))
 
     def extra_repr(self) -> str:
+        qk_norm = "" if self.qk_norm == "none" else f", qk_norm={self.qk_norm}"
         return (f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
-                f"backend={self.backend}")
+                f"backend={self.backend}{qk_norm}")

@@ -24,6 +24,8 @@ pytestmark = pytest.mark.usefixtures("modelkit_one_thread")
     ("attention", "llama.gqa"),
     *[("attention", {"type": "llama.gqa", "num_kv_heads": kv, "backend": b})
       for kv in (1, 2) for b in attention_kernel_names()],
+    *[("attention", {"type": "llama.gqa", "num_kv_heads": 2, "qk_norm": n, "qk_norm_eps": 1e-5})
+      for n in ("head", "projection")],
 ], ids=str)
 def test_component_conforms(kind: str, component: str | dict[str, Any]) -> None:
     assert check_component(kind, component).ok
