@@ -1,6 +1,7 @@
 """Hugging Face model families: one module per ``config.json`` ``model_type``.
 
-Each family module (:mod:`.gpt2`, :mod:`.llama`, :mod:`.qwen2`, :mod:`.opt`, :mod:`.gpt_neox`) defines one :class:`~.base.HFFamily`:
+Each family module (:mod:`.gpt2`, :mod:`.llama`, :mod:`.qwen2`, :mod:`.opt`, :mod:`.gpt_neox`,
+:mod:`.olmo2`) defines one :class:`~.base.HFFamily`:
 
 - ``spec_from_config(config, name, source)``: the modelkit spec of the family's ``config.json``,
   made of registered parts (the spec never names the family); a field modelkit cannot honour is
@@ -32,6 +33,7 @@ from .base import HFFamily
 from .gpt2 import GPT2
 from .gpt_neox import GPT_NEOX
 from .llama import LLAMA
+from .olmo2 import OLMO2
 from .opt import OPT
 from .qwen2 import QWEN2
 
@@ -40,7 +42,8 @@ if TYPE_CHECKING:
 
     from ...model import GPTModel
 
-FAMILIES: dict[str, HFFamily] = {family.model_type: family for family in (GPT2, LLAMA, QWEN2, OPT, GPT_NEOX)}
+FAMILIES: dict[str, HFFamily] = {family.model_type: family
+                                 for family in (GPT2, LLAMA, QWEN2, OPT, GPT_NEOX, OLMO2)}
 
 
 def family_for(config: Any, source: str = "config.json") -> HFFamily:
@@ -62,8 +65,8 @@ def load_hf(folder: str | os.PathLike[str], *,
             device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> GPTModel:
     """Load a Hugging Face model folder of any supported family as a modelkit model, in eval mode.
 
-    The family is ``config.json``'s ``model_type`` (``gpt2``, ``llama``, ``qwen2``, ``opt``, ``gpt_neox``); without a
-    ``config.json`` (only with ``spec=``) the folder is read as GPT-2, as
+    The family is ``config.json``'s ``model_type`` (``gpt2``, ``llama``, ``qwen2``, ``opt``, ``gpt_neox``,
+    ``olmo2``); without a ``config.json`` (only with ``spec=``) the folder is read as GPT-2, as
     :func:`~modelkit.weights.hf.load_hf_gpt2` does. Weights come from ``model.safetensors`` (or a
     sharded ``model.safetensors.index.json``), else ``pytorch_model.bin`` through
     ``torch.load(weights_only=True)``, renamed by the family's explicit key map. The spec is
@@ -102,7 +105,7 @@ def export_family_of(spec: ModelSpec) -> HFFamily:
 
 def export_hf(model: GPTModel, out_dir: str | os.PathLike[str]) -> Path:
     """Write ``model`` as a Hugging Face folder (``model.safetensors`` + ``config.json``) of the family
-    its parts make (GPT-2, Llama, Qwen2, OPT or GPT-NeoX), which ``transformers.AutoModelForCausalLM.from_pretrained`` opens.
+    its parts make (GPT-2, Llama, Qwen2, OPT, GPT-NeoX or OLMo 2), which ``transformers.AutoModelForCausalLM.from_pretrained`` opens.
     Returns the folder. Raises :class:`CheckpointError`, before writing anything, if no family has an
     equivalent (naming, per family, the parts that differ). Written atomically, as
     :func:`~modelkit.weights.hf.export_hf_gpt2`.

@@ -162,9 +162,11 @@ def _read_config(config: Mapping[str, Any], source: str, model_type: str, label:
 
 
 def _build_spec(cfg: _LlamaConfig, name: str, source: str, label: str, positional: dict[str, Any],
-                problems: list[str], *, qkv_bias: bool, out_bias: bool, mlp_bias: bool) -> ModelSpec:
+                problems: list[str], *, qkv_bias: bool, out_bias: bool, mlp_bias: bool,
+                attention: Mapping[str, Any] | None = None, block: str = "pre_norm") -> ModelSpec:
     """The spec of llama parts for a validated config, or :class:`CheckpointError` listing ``problems``
-    (naming ``source``) if there are any, or if the result is not a valid spec."""
+    (naming ``source``) if there are any, or if the result is not a valid spec. ``attention`` adds
+    ``llama.gqa`` parameters (q/k norms); ``block`` is the block type."""
     if problems:
         raise CheckpointError(f"cannot build a modelkit spec from the {label} config {source}: " + "; ".join(problems))
     data = {
@@ -173,9 +175,9 @@ def _build_spec(cfg: _LlamaConfig, name: str, source: str, label: str, positiona
         "drop_rate": 0.0, "qkv_bias": qkv_bias, "tie_embeddings": cfg.tie_word_embeddings,
         "positional": positional, "norm": {"type": "llama.rmsnorm", "eps": cfg.rms_norm_eps},
         "attention": {"type": "llama.gqa", "num_kv_heads": cfg.num_key_value_heads or cfg.num_attention_heads,
-                      "out_bias": out_bias},
+                      "out_bias": out_bias, **(attention or {})},
         "feedforward": {"type": "llama.swiglu", "hidden_dim": cfg.intermediate_size, "bias": mlp_bias},
-        "block": "pre_norm",
+        "block": block,
     }
     try:
         return validate_spec(data, source)
@@ -211,9 +213,11 @@ def _rename_folder(sources: Mapping[str, Any], spec: ModelSpec,
 
 
 def _part_problems(spec: ModelSpec, label: str,
-                   gqa_check: Callable[[ModelSpec], str | None] | None = None) -> list[str]:
-    """The parts of ``spec`` that are not the llama parts a ``label`` model is made of; with
-    ``gqa_check``, also its problem (if any) with a ``llama.gqa`` attention, listed after it."""
+                   gqa_check: Callable[[ModelSpec], str | None] | None = None, *,
+                   qk_norm: str = "none", block: str = "pre_norm") -> list[str]:
+    """The parts of ``spec`` that are not the llama parts a ``label`` model is made of (``llama.gqa``
+    with ``qk_norm``, ``block`` blocks); with ``gqa_check``, also its problem (if any) with a
+    ``llama.gqa`` attention, listed after it."""
     pos, norm, att, ff = spec.positional, spec.norm, spec.attention, spec.feedforward
     problems = []
     if pos.type != "llama.rope":
@@ -222,12 +226,15 @@ def _part_problems(spec: ModelSpec, label: str,
         problems.append(f"norm '{norm.type}' ({label} uses llama.rmsnorm)")
     if att.type != "llama.gqa":
         problems.append(f"attention '{att.type}' ({label} uses llama.gqa)")
-    elif gqa_check is not None and (problem := gqa_check(spec)) is not None:
-        problems.append(problem)
+    else:
+        if att.params.get("qk_norm", "none") != qk_norm:
+            problems.append(f"attention qk_norm '{att.params.get('qk_norm', 'none')}' ({label}'s is '{qk_norm}')")
+        if gqa_check is not None and (problem := gqa_check(spec)) is not None:
+            problems.append(problem)
     if ff.type != "llama.swiglu":
         problems.append(f"feedforward '{ff.type}' ({label} uses llama.swiglu)")
-    if spec.block.type != "pre_norm":
-        problems.append(f"block '{spec.block.type}' ({label} blocks are pre_norm)")
+    if spec.block.type != block:
+        problems.append(f"block '{spec.block.type}' ({label} blocks are {block})")
     return problems
 
 
