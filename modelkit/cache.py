@@ -11,6 +11,12 @@ The model advances ``KVCache.length`` after each forward pass; positions of new 
 it. The cache holds at most ``max_length`` tokens (the model's ``context_length``): a forward pass that
 would go past it raises ``ValueError``; :func:`modelkit.generate` handles a full window by recomputing
 the last ``context_size`` tokens, exactly as the uncached loop does.
+
+A layer whose attention slides a window of ``W`` positions passes ``window=W`` to ``update``: its
+storage then holds only the last ``W`` positions (``min(W, max_length)``), whatever the length of the
+generation, and ``update`` returns the keys/values its queries can see (the last ``W - 1`` cached
+positions and the new ones), still consecutive positions ending at the newest token. Positions stay
+absolute (``KVCache.length`` counts every token), so rotations and biases are unchanged.
 """
 
 from __future__ import annotations
@@ -20,17 +26,20 @@ from torch import Tensor
 
 
 class LayerKVCache:
-    """Keys and values of one layer, in preallocated storage ``(b, h_kv, max_length, d)``."""
+    """Keys and values of one layer, in preallocated storage ``(b, h_kv, capacity, d)``: ``max_length``
+    positions, or the last ``window`` positions for a layer that slides a window."""
 
     def __init__(self, owner: KVCache) -> None:
         self._owner = owner
         self.k: Tensor | None = None
         self.v: Tensor | None = None
 
-    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store the new keys/values at positions ``[length, length + s)``; return all so far.
+    def update(self, k: Tensor, v: Tensor, window: int | None = None) -> tuple[Tensor, Tensor]:
+        """Store the new keys/values at positions ``[length, length + s)``; return those the new queries see.
 
-        Returns views ``(b, h_kv, length + s, d)``; the caller must not modify them in place.
+        Without ``window``: views ``(b, h_kv, length + s, d)`` of every position so far. With it: the
+        positions ``[max(0, length - window + 1), length + s)``, of which storage keeps the last
+        ``window``. The caller must not modify what is returned in place.
         """
         start = self._owner.length
         end = start + k.shape[-2]
@@ -39,17 +48,37 @@ class LayerKVCache:
                 f"KV cache is full: {start} cached + {k.shape[-2]} new tokens > max_length "
                 f"{self._owner.max_length} (the model's context_length)"
             )
+        if window is not None and window < self._owner.max_length:
+            return self._update_window(k, v, start, window)
         store_k, store_v = self.storage(k, v)
         store_k[..., start:end, :] = k
         store_v[..., start:end, :] = v
         return store_k[..., :end, :], store_v[..., :end, :]
 
-    def storage(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """The ``(b, h_kv, max_length, d)`` key and value storage for new keys/values shaped like
-        ``k`` and ``v``, allocated now if there is none yet or the batch size changed."""
-        if self.k is None or self.v is None or self.k.shape[0] != k.shape[0]:
-            shape_k = (*k.shape[:-2], self._owner.max_length, k.shape[-1])
-            shape_v = (*v.shape[:-2], self._owner.max_length, v.shape[-1])
+    def _update_window(self, k: Tensor, v: Tensor, start: int, window: int) -> tuple[Tensor, Tensor]:
+        """:meth:`update` for a layer whose storage holds the last ``window`` positions, in order."""
+        store_k, store_v = self.storage(k, v, window)
+        held = min(start, window)  # storage[:held] are positions [start - held, start)
+        s = k.shape[-2]
+        if held + s <= window:  # room left: append in place, as the full cache does
+            store_k[..., held:held + s, :] = k
+            store_v[..., held:held + s, :] = v
+            return store_k[..., :held + s, :], store_v[..., :held + s, :]
+        all_k = torch.cat((store_k[..., :held, :], k), dim=-2)  # positions [start - held, start + s)
+        all_v = torch.cat((store_v[..., :held, :], v), dim=-2)
+        store_k.copy_(all_k[..., -window:, :])
+        store_v.copy_(all_v[..., -window:, :])
+        unseen = max(0, held - (window - 1))  # positions before the first new query's window
+        return all_k[..., unseen:, :], all_v[..., unseen:, :]
+
+    def storage(self, k: Tensor, v: Tensor, window: int | None = None) -> tuple[Tensor, Tensor]:
+        """The ``(b, h_kv, capacity, d)`` key and value storage for new keys/values shaped like ``k`` and
+        ``v`` (capacity ``max_length``, or ``min(window, max_length)``), allocated now if there is none
+        yet or the batch size changed."""
+        capacity = self._owner.max_length if window is None else min(window, self._owner.max_length)
+        if self.k is None or self.v is None or self.k.shape[0] != k.shape[0] or self.k.shape[-2] != capacity:
+            shape_k = (*k.shape[:-2], capacity, k.shape[-1])
+            shape_v = (*v.shape[:-2], capacity, v.shape[-1])
             self.k = torch.empty(shape_k, dtype=k.dtype, device=k.device)
             self.v = torch.empty(shape_v, dtype=v.dtype, device=v.device)
         return self.k, self.v

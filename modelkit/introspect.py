@@ -35,7 +35,7 @@ def count_parameters(model: nn.Module) -> ParameterCount:
     head = getattr(model, "out_head", None)
     tok = getattr(model, "tok_emb", None)
     tied = head is not None and tok is not None and head.weight is tok.weight
-    head_params = 0 if head is None or tied else sum(p.numel() for p in head.parameters())
+    head_params = 0 if head is None else sum(p.numel() for p in head.parameters() if not (tied and p is tok.weight))
     return ParameterCount(total, head_params, tied)
 
 

@@ -24,6 +24,10 @@ MAX_SPEC_BYTES            4 MiB = 4,194,304    a spec file's size in bytes, or a
                                                length in characters (specs are ~1 kB)
 MAX_JSON_DEPTH            64                   nesting of arrays and objects in a spec (specs
                                                nest ~4 deep)
+MAX_TOKENIZER_BYTES       40 MiB = 41,943,040  a Hugging Face ``tokenizer.json`` (largest published:
+                                               ~33 MB; Llama 3's ~9 MB). Twice this, its worst
+                                               case escaped as JSON text, stays under the 100 MB
+                                               header safetensors reads, where checkpoints keep it
 ========================  ===================  ==================================================
 
 This module imports nothing, so every part of the core (and a plugin) can use the same figures.
@@ -42,3 +46,4 @@ MAX_MULTIPLE_OF = 2**16
 MAX_PARAMETERS = 10**12
 MAX_SPEC_BYTES = 4 * 2**20
 MAX_JSON_DEPTH = 64
+MAX_TOKENIZER_BYTES = 40 * 2**20

@@ -23,6 +23,10 @@ Part = Callable[..., Tensor]
 class GPTModel(nn.Module):
     """Token + positional embeddings, dropout, ``n_layers`` blocks, final norm, output head.
 
+    What other architectures add around that is in the spec, each off by default: ``embedding_scale``
+    (multiplies the token embeddings), ``embedding_norm`` (a norm after the embeddings, ``emb_norm``),
+    ``head_bias`` (a bias in ``out_head``) and ``final_logit_softcap`` (``c·tanh(logits/c)``).
+
     Attribute names are the book's (``tok_emb``, ``pos_emb``, ``drop_emb``, ``trf_blocks``,
     ``final_norm``, ``out_head``) and modules are created in the book's order, so after
     ``torch.manual_seed(123)`` the default gpt2-small spec has exactly the book's weights.
@@ -40,11 +44,13 @@ class GPTModel(nn.Module):
         self.spec = spec
         self.tok_emb = nn.Embedding(dims.vocab_size, dims.emb_dim)
         self.pos_emb: Positional = build_component("positional", spec.positional, dims)  # type: ignore[assignment]
+        if spec.embedding_norm is not None:  # no attribute at all without one: the book's modules, in its order
+            self.emb_norm = build_component("norm", spec.embedding_norm, dims)
         self.drop_emb = Dropout(dims.drop_rate)
         parts = SpecBlockParts(spec, dims)
         self.trf_blocks = nn.ModuleList(build_component("block", spec.block, dims, parts) for _ in range(dims.n_layers))
         self.final_norm = build_component("norm", spec.norm, dims)
-        self.out_head = nn.Linear(dims.emb_dim, dims.vocab_size, bias=False)
+        self.out_head = nn.Linear(dims.emb_dim, dims.vocab_size, bias=spec.head_bias)
         if spec.tie_embeddings:
             self.out_head.weight = self.tok_emb.weight
         if spec.init == "gpt2":
@@ -81,11 +87,16 @@ class GPTModel(nn.Module):
                 f"{self.spec.context_length}; crop the input to its last {self.spec.context_length} tokens"
             )
         positions = torch.arange(start, start + seq_len, device=in_idx.device)
+        spec = self.spec
         x = tok_emb(in_idx)
+        if spec.embedding_scale != 1.0:  # in the embeddings' dtype, as Gemma rounds sqrt(emb_dim)
+            x = x * torch.tensor(spec.embedding_scale, dtype=x.dtype)
         pos_emb = self.pos_emb
         pos = pos_emb.embedding(positions)
         if pos is not None:
             x = x + pos
+        if spec.embedding_norm is not None:
+            x = self.emb_norm(x)
         x = drop_emb(x)
         for i, block in enumerate(blocks):
             x = block(x, LayerContext(positions, pos_emb, cache.layers[i] if cache is not None else None, i))
@@ -94,7 +105,9 @@ class GPTModel(nn.Module):
         x = final_norm(x)
         if last_only:
             x = x[:, -1:, :]
-        return out_head(x)
+        logits = out_head(x)
+        cap = spec.final_logit_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
 @torch.no_grad()

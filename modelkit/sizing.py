@@ -74,8 +74,8 @@ class SizeEstimate:
     positional: int  #: the positional component's parameters
     per_block: int  #: parameters of one block
     n_layers: int
-    final_norm: int
-    head: int  #: the output head's own parameters (0 when tied to tok_emb)
+    final_norm: int  #: the final norm's parameters, and the embedding norm's if the spec has one
+    head: int  #: the output head's own parameters (its weight unless tied to tok_emb, its bias if any)
     buffers: int  #: elements of all buffers (the positional's, the final norm's, every block's)
 
     @property
@@ -110,18 +110,22 @@ def estimate_size(spec: ModelSpec) -> SizeEstimate:
     """The exact size of the model ``spec`` describes, from a meta build of one block (milliseconds)."""
     dims = spec.dims
 
-    def part(slot: str, ref: ComponentSpec, *args: Any) -> nn.Module:
-        return _build_on_meta(slot, lambda: build_component(slot, ref, dims, *args))
+    def part(kind: str, ref: ComponentSpec, *args: Any, path: str | None = None) -> nn.Module:
+        return _build_on_meta(path or kind, lambda: build_component(kind, ref, dims, *args))
 
     positional = part("positional", spec.positional)
     block = part("block", spec.block, SpecBlockParts(spec, dims))
     final_norm = part("norm", spec.norm)
     (pos_params, pos_buffers), (block_params, block_buffers) = _count(positional), _count(block)
     norm_params, norm_buffers = _count(final_norm)
+    if spec.embedding_norm is not None:  # counted with the final norm: the norms outside the blocks
+        emb_norm_params, emb_norm_buffers = _count(part("norm", spec.embedding_norm, path="embedding_norm"))
+        norm_params, norm_buffers = norm_params + emb_norm_params, norm_buffers + emb_norm_buffers
     table = spec.vocab_size * spec.emb_dim
+    head = (0 if spec.tie_embeddings else table) + (spec.vocab_size if spec.head_bias else 0)
     return SizeEstimate(
         tok_emb=table, positional=pos_params, per_block=block_params, n_layers=spec.n_layers, final_norm=norm_params,
-        head=0 if spec.tie_embeddings else table, buffers=pos_buffers + norm_buffers + block_buffers * spec.n_layers,
+        head=head, buffers=pos_buffers + norm_buffers + block_buffers * spec.n_layers,
     )
 
 

@@ -1,7 +1,10 @@
 """The JSON model spec: pydantic models, validation with JSON paths, and the live JSON Schema.
 
-A spec is the book's ``GPT_CONFIG_124M`` fields plus ``name``, ``tie_embeddings``, ``init`` and one
-component reference per slot (``positional``, ``norm``, ``attention``, ``feedforward``, ``block``).
+A spec is the book's ``GPT_CONFIG_124M`` fields plus ``name``, ``tie_embeddings``, ``init``, the
+model-level fields other architectures need (``head_dim``, ``embedding_scale``, ``head_bias``,
+``final_logit_softcap``; each defaults to the book's behaviour) and one component reference per slot
+(``positional``, ``norm``, ``attention``, ``feedforward``, ``block``, and the optional
+``embedding_norm``, a norm applied to the embeddings, absent by default).
 A reference is a bare name (``"layernorm"``) or an object ``{"type": "layernorm", "eps": 1e-5}``
 whose other keys are that component's parameters. Every slot defaults to the book's part, so the
 book's flat config dict is a valid spec.
@@ -48,6 +51,10 @@ SLOT_DEFAULTS: dict[str, str] = {
     "feedforward": "mlp",
     "block": "pre_norm",
 }
+#: Optional slots: slot -> the kind of component it holds; absent (null) means the book's model has none.
+OPTIONAL_SLOTS: dict[str, str] = {
+    "embedding_norm": "norm",
+}
 SCHEMA_URL = "https://json-schema.org/draft/2020-12/schema"
 
 
@@ -87,6 +94,15 @@ class _Sizes(BaseModel):
     init: Annotated[Literal["default", "gpt2"], Field(
         description="'default': PyTorch's (the book's); 'gpt2': N(0, 0.02), residual projections "
                     "scaled by 1/sqrt(2*n_layers)")] = "default"
+    head_dim: Annotated[int | None, Field(
+        gt=0, le=MAX_EMB_DIM, description="size of each attention head; null: emb_dim / n_heads (which must "
+                                          "then divide); given: attention projects emb_dim to n_heads * head_dim")] = None
+    embedding_scale: Annotated[float, Field(
+        gt=0, le=1e6, description="token embeddings are multiplied by this (in their dtype) before anything is "
+                                  "added (Gemma: sqrt(emb_dim))")] = 1.0
+    head_bias: Annotated[bool, Field(description="a bias in out_head, the output layer (Phi-2)")] = False
+    final_logit_softcap: Annotated[float | None, Field(
+        gt=0, le=1e6, description="logits become c * tanh(logits / c) for this c (Gemma 2: 30); null: none")] = None
 
 
 class ModelSpec(_Sizes):
@@ -97,11 +113,11 @@ class ModelSpec(_Sizes):
     attention: ComponentSpec
     feedforward: ComponentSpec
     block: ComponentSpec
+    embedding_norm: ComponentSpec | None = None
 
     @property
     def dims(self) -> ModelDims:
-        return ModelDims(self.vocab_size, self.context_length, self.emb_dim, self.n_heads,
-                         self.n_layers, self.drop_rate, self.qkv_bias)
+        return _dims(self)
 
     def to_dict(self) -> dict[str, Any]:
         """The fully resolved spec as JSON-ready data; ``load_spec(spec.to_dict()) == spec``."""
@@ -109,6 +125,15 @@ class ModelSpec(_Sizes):
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
+
+    def slots(self) -> list[tuple[str, str, ComponentSpec]]:
+        """(slot, kind, reference) for every slot that holds a component (optional ones when set)."""
+        found = [(slot, slot, getattr(self, slot)) for slot in SLOT_DEFAULTS]
+        for slot, kind in OPTIONAL_SLOTS.items():
+            ref = getattr(self, slot)
+            if ref is not None:
+                found.append((slot, kind, ref))
+        return found
 
     def components(self) -> list[tuple[str, ComponentSpec]]:
         """(JSON path, reference) for every component in the spec, nested ones included."""
@@ -120,9 +145,32 @@ class ModelSpec(_Sizes):
                 if isinstance(value, ComponentSpec):
                     walk(f"{path}.{key}", value)
 
-        for slot in SLOT_DEFAULTS:
-            walk(slot, getattr(self, slot))
+        for slot, _, ref in self.slots():
+            walk(slot, ref)
         return found
+
+
+def model_level_features(spec: ModelSpec) -> list[str]:
+    """The model-level fields of ``spec`` that differ from the book's model, as ``"name value"`` strings
+    (``head_dim`` only when it differs from ``emb_dim / n_heads``). Code that implements only the book's
+    composition (an export format, a native step) refuses a spec for which this is not empty."""
+    found = []
+    if spec.head_dim is not None and spec.head_dim * spec.n_heads != spec.emb_dim:
+        found.append(f"head_dim {spec.head_dim}")
+    if spec.embedding_scale != 1.0:
+        found.append(f"embedding_scale {spec.embedding_scale}")
+    if spec.embedding_norm is not None:
+        found.append(f"embedding_norm '{spec.embedding_norm.type}'")
+    if spec.head_bias:
+        found.append("head_bias true")
+    if spec.final_logit_softcap is not None:
+        found.append(f"final_logit_softcap {spec.final_logit_softcap}")
+    return found
+
+
+def _dims(sizes: _Sizes) -> ModelDims:
+    return ModelDims(sizes.vocab_size, sizes.context_length, sizes.emb_dim, sizes.n_heads, sizes.n_layers,
+                     sizes.drop_rate, sizes.qkv_bias, sizes.head_dim)
 
 
 # -- validation ---------------------------------------------------------------------------------
@@ -254,21 +302,25 @@ def _resolve(kind: str, raw: Any, path: str, issues: list[SpecIssue]) -> Compone
     return ComponentSpec(type=name, params={**values, **filled})
 
 
-def _heads_issue(emb_dim: Any, n_heads: Any) -> SpecIssue | None:
-    """The emb_dim/n_heads check, run whenever both values are themselves valid."""
+def _heads_issue(emb_dim: Any, n_heads: Any, head_dim: Any) -> SpecIssue | None:
+    """The emb_dim/n_heads check (only without an explicit ``head_dim``), run whenever both values are
+    themselves valid."""
     valid = all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= ceiling
                 for v, ceiling in ((emb_dim, MAX_EMB_DIM), (n_heads, MAX_N_HEADS)))
-    if valid and emb_dim % n_heads:
-        return SpecIssue("n_heads", f"emb_dim {emb_dim} is not divisible by n_heads {n_heads}")
+    if valid and head_dim is None and emb_dim % n_heads:
+        return SpecIssue("n_heads", f"emb_dim {emb_dim} is not divisible by n_heads {n_heads} "
+                                    "(or give head_dim)")
+    if valid and isinstance(head_dim, int) and not isinstance(head_dim, bool) and n_heads * head_dim > MAX_EMB_DIM:
+        return SpecIssue("head_dim", f"n_heads * head_dim = {n_heads * head_dim:,} is over {MAX_EMB_DIM:,} "
+                                     "(MAX_EMB_DIM in modelkit.limits)")
     return None
 
 
 def _cross_checks(sizes: _Sizes, slots: dict[str, ComponentSpec | None]) -> list[SpecIssue]:
     issues: list[SpecIssue] = []
-    if sizes.emb_dim % sizes.n_heads:
+    if _heads_issue(sizes.emb_dim, sizes.n_heads, sizes.head_dim) is not None:
         return issues  # reported by _heads_issue; component checks assume a valid head size
-    dims = ModelDims(sizes.vocab_size, sizes.context_length, sizes.emb_dim, sizes.n_heads,
-                     sizes.n_layers, sizes.drop_rate, sizes.qkv_bias)
+    dims = _dims(sizes)
 
     def check(kind: str, path: str, ref: ComponentSpec) -> None:
         entry = get_registry(kind).get(ref.type)
@@ -280,7 +332,7 @@ def _cross_checks(sizes: _Sizes, slots: dict[str, ComponentSpec | None]) -> list
 
     for slot, ref in slots.items():
         if ref is not None:
-            check(slot, slot, ref)
+            check(OPTIONAL_SLOTS.get(slot, slot), slot, ref)
     return issues
 
 
@@ -294,20 +346,22 @@ def validate_spec(data: Mapping[str, Any], source: str | None = None) -> ModelSp
     data = {k: v for k, v in data.items() if k != "$schema"}
     issues: list[SpecIssue] = []
     sizes: _Sizes | None = None
-    top = {k: v for k, v in data.items() if k not in SLOT_DEFAULTS}
+    top = {k: v for k, v in data.items() if k not in SLOT_DEFAULTS and k not in OPTIONAL_SLOTS}
     try:
         sizes = _Sizes.model_validate(top)
     except ValidationError as exc:
-        issues.extend(_translate(exc, "", [*_Sizes.model_fields, *SLOT_DEFAULTS], "field"))
-    heads = _heads_issue(data.get("emb_dim"), data.get("n_heads"))
+        issues.extend(_translate(exc, "", [*_Sizes.model_fields, *SLOT_DEFAULTS, *OPTIONAL_SLOTS], "field"))
+    heads = _heads_issue(data.get("emb_dim"), data.get("n_heads"), data.get("head_dim"))
     if heads is not None:
         issues.append(heads)
     slots = {slot: _resolve(slot, data.get(slot, default), slot, issues) for slot, default in SLOT_DEFAULTS.items()}
+    optional = {slot: _resolve(kind, data[slot], slot, issues) for slot, kind in OPTIONAL_SLOTS.items()
+                if data.get(slot) is not None}
     if sizes is not None:
-        issues.extend(_cross_checks(sizes, slots))
+        issues.extend(_cross_checks(sizes, {**slots, **optional}))
     if issues or sizes is None:
         raise SpecError(issues, source)
-    return ModelSpec(**sizes.model_dump(), **slots)
+    return ModelSpec(**sizes.model_dump(), **slots, **optional)
 
 
 def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -490,6 +544,9 @@ def spec_json_schema() -> tuple[dict[str, Any], list[PluginError]]:
     props = schema["properties"]
     for slot, default in SLOT_DEFAULTS.items():
         props[slot] = {"$ref": f"#/$defs/{slot}", "default": default}
+    for slot, kind in OPTIONAL_SLOTS.items():
+        props[slot] = {"anyOf": [{"$ref": f"#/$defs/{kind}"}, {"type": "null"}], "default": None,
+                       "description": f"an optional {kind} (null: none)"}
     props["$schema"] = {"type": "string", "description": "the JSON Schema this file follows"}
     schema.update({"$schema": SCHEMA_URL, "title": "modelkit model spec", "$defs": defs})
     return schema, failures

@@ -130,6 +130,60 @@ def test_kernel_with_fewer_queries_than_keys_equals_the_last_rows_of_full_attent
     assert torch.allclose(tail, expected, atol=1e-5)
 
 
+def _hand_attention(q, k, v, bias=None, scale=None, softcap=None, window=None):
+    """softmax over the keys a query may see (j <= its position, and > its position - window), by loops."""
+    s_q, s_k, d = q.shape[-2], k.shape[-2], q.shape[-1]
+    out = torch.zeros_like(q)
+    for i in range(s_q):
+        pos = i + s_k - s_q  # the query's position among the keys
+        seen = [j for j in range(s_k) if j <= pos and (window is None or j > pos - window)]
+        scores = (q[..., i:i + 1, :] @ k[..., seen, :].transpose(-2, -1))[..., 0, :]
+        scores = scores * scale if scale is not None else scores / math.sqrt(d)
+        if softcap is not None:
+            scores = softcap * torch.tanh(scores / softcap)
+        if bias is not None:
+            scores = scores + bias[..., i, seen]
+        out[..., i, :] = (torch.softmax(scores, -1)[..., None, :] @ v[..., seen, :])[..., 0, :]
+    return out
+
+
+@pytest.mark.parametrize("backend", attention_kernel_names())
+@pytest.mark.parametrize("s_q", [10, 4, 1])
+@pytest.mark.parametrize("options", [
+    dict(window=3), dict(window=1), dict(window=12), dict(scale=0.2), dict(softcap=1.5),
+    dict(window=4, softcap=0.8, scale=0.7), dict(window=3, bias=True),
+], ids=str)
+def test_kernel_options_equal_a_hand_computed_masked_softmax(backend, s_q, options):
+    """Sliding window (query i sees i - W < j <= i), softcap before the mask, and the score scale."""
+    kernel = get_attention_kernel(backend)
+    q, k, v = torch.randn(3, 2, 4, 10, 8, generator=torch.Generator().manual_seed(7)).unbind(0)
+    q = q[:, :, 10 - s_q:]
+    options = dict(options)
+    bias = torch.randn(4, s_q, 10) if options.pop("bias", False) else None
+    expected = _hand_attention(q, k, v, bias, **options)
+    assert torch.allclose(kernel(q, k, v, bias=bias, **options), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", attention_kernel_names())
+def test_kernel_options_change_the_result(backend):
+    """Each option matters: a kernel that ignored one would fail the hand computation above."""
+    kernel = get_attention_kernel(backend)
+    q, k, v = torch.randn(3, 1, 2, 9, 8, generator=torch.Generator().manual_seed(3)).unbind(0)
+    q = q * 4  # large scores, so the soft-cap bites
+    plain = kernel(q, k, v)
+    for options in (dict(window=3), dict(softcap=1.0), dict(scale=0.1)):
+        assert not torch.allclose(kernel(q, k, v, **options), plain, atol=1e-3), options
+
+
+def test_the_window_mask_is_transformers_sliding_window():
+    """causal_mask with a window hides j <= i - W (and j > i), as transformers' sliding_window_overlay."""
+    from modelkit.components.kernels import causal_mask
+
+    mask = causal_mask(4, 7, torch.device("cpu"), window=3)  # queries at positions 3..6
+    expected = torch.tensor([[not (p - 3 < j <= p) for j in range(7)] for p in range(3, 7)])
+    assert torch.equal(mask, expected)
+
+
 def test_unknown_backend_is_a_spec_error_with_suggestion():
     from modelkit import SpecError
 

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 
+import hf_parity
 from modelkit import CheckpointError, build_model, load_spec
 from modelkit.cli import main as cli_main
 from modelkit.generation import generate
@@ -158,8 +159,14 @@ def test_export_refuses_what_qwen2_cannot_state(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("change, field", [
-    ({"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 0}, "use_sliding_window"),
-    ({"layer_types": ["full_attention", "sliding_attention"]}, "layer_types ['sliding_attention']"),
+    ({"layer_types": ["full_attention", "sliding_attention"]},
+     "layer_types has 'sliding_attention' layers but use_sliding_window false"),
+    ({"use_sliding_window": True, "sliding_window": None, "layer_types": ["sliding_attention"] * 2},
+     "sliding_window null"),
+    ({"layer_types": ["full_attention", "chunked_attention"]}, "layer_types ['chunked_attention']"),
+    ({"layer_types": ["full_attention"]}, "layer_types has 1 entries for num_hidden_layers 2"),
+    ({"use_sliding_window": True, "sliding_window": 0}, "sliding_window"),
+    ({"max_window_layers": -1}, "max_window_layers"),
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}}, "rope_parameters.rope_type 'yarn'"),
     ({"rope_parameters": None, "rope_theta": 1e6, "rope_scaling": {"type": "linear", "factor": 2.0}},
      "rope_scaling.rope_type 'linear'"),
@@ -215,3 +222,32 @@ def test_qwen2_5_0_5b_spec_counts_what_transformers_counts() -> None:
     with torch.device("meta"):
         ref = transformers.Qwen2ForCausalLM(config)
     assert sum(p.numel() for p in ref.parameters()) == 494_032_768
+
+
+SLIDING: dict[str, dict[str, Any]] = {
+    "upper layers": dict(use_sliding_window=True, sliding_window=5, max_window_layers=1),
+    "alternating": dict(use_sliding_window=True, sliding_window=4, layer_types=["sliding_attention", "full_attention"]),
+}
+
+
+@pytest.mark.parametrize("name", list(SLIDING))
+def test_sliding_window_layers_match_transformers(name: str, tmp_path: Path) -> None:
+    """use_sliding_window: the layers Qwen2Config makes sliding (max_window_layers and up, or layer_types)
+    slide llama.gqa's window there, at parity; the export states the same layers."""
+    kw = SLIDING[name]
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(**BASE, **kw, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+                                      attn_implementation="eager")
+    hf = hf_parity.perturbed(transformers.Qwen2ForCausalLM(config))
+    folder = hf_parity.save_tiny(hf, tmp_path / "hf")
+    model = hf_parity.check_family(folder, hf, f"qwen2 sliding {name}")
+    sliding = [t == "sliding_attention" for t in hf.config.layer_types]
+    assert sliding == ([False, True] if name == "upper layers" else [True, False])
+    params = model.spec.attention.params
+    assert params["sliding_window"] == kw["sliding_window"] and params["window_pattern"] == sliding
+    cache = model.new_cache()
+    with torch.no_grad():
+        model(hf_parity.batch(300, 12), cache=cache)
+    assert [layer.k.shape[-2] for layer in cache.layers] == [kw["sliding_window"] if s else 256 for s in sliding]
+    back = hf_parity.check_cli_roundtrip(folder, hf, tmp_path, "Qwen2ForCausalLM", f"qwen2 sliding {name}")
+    assert back.config.layer_types == hf.config.layer_types and back.config.sliding_window == kw["sliding_window"]

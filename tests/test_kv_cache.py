@@ -184,3 +184,26 @@ def test_a_plugin_positional_takes_part_in_cached_generation(plugin_positional: 
     idx = prompt(2, 26)
     expected = generate_text_simple(model, idx, 14, CONTEXT)
     assert torch.equal(generate(model, idx, 14, use_cache=True), expected)
+
+
+@pytest.mark.parametrize("chunks", [[1] * 20, [5, 3, *[1] * 12], [9, 2, 6, 1, 1, 1], [2, 2, 2, 14]], ids=str)
+def test_a_windowed_layer_cache_holds_the_last_window_and_returns_what_the_queries_see(chunks: list[int]) -> None:
+    from modelkit.cache import KVCache
+
+    window = 4
+    keys = torch.randn(2, 3, sum(chunks), 8, generator=torch.Generator().manual_seed(0))
+    values = keys * 2 + 1
+    cache = KVCache(1, max_length=32)
+    layer = cache.layers[0]
+    start = 0
+    for n in chunks:
+        k, v = layer.update(keys[:, :, start:start + n], values[:, :, start:start + n], window=window)
+        first = max(0, start - window + 1)  # the first position the first new query sees
+        assert torch.equal(k, keys[:, :, first:start + n]) and torch.equal(v, values[:, :, first:start + n])
+        assert layer.k is not None and layer.k.shape[-2] <= window and layer.v.shape[-2] <= window
+        cache.advance(n)
+        start += n
+        held = min(start, window)
+        assert torch.equal(layer.k[:, :, :held], keys[:, :, start - held:start])
+    with pytest.raises(ValueError, match="KV cache is full"):  # the context_length check stays
+        layer.update(keys[:, :, :13], values[:, :, :13], window=window)

@@ -61,7 +61,7 @@ def test_unknown_activation_message_points_at_the_json_path():
 def test_indivisible_heads_message():
     with pytest.raises(SpecError) as exc:
         load_spec(tiny_cfg(emb_dim=768, n_heads=10))
-    assert problems(exc) == ["n_heads: emb_dim 768 is not divisible by n_heads 10"]
+    assert problems(exc) == ["n_heads: emb_dim 768 is not divisible by n_heads 10 (or give head_dim)"]
 
 
 def test_every_problem_is_reported_at_once_with_the_file_name(tmp_path):

@@ -10,18 +10,21 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser("export-hf", help="write a modelkit checkpoint as a Hugging Face folder (GPT-2 or Llama)",
                        description="Write model.safetensors and config.json that "
                                    "transformers.AutoModelForCausalLM.from_pretrained opens, as GPT-2 or Llama "
-                                   "by the model's parts. Refuses models whose components have no equivalent "
-                                   "in either family.")
+                                   "by the model's parts, and tokenizer.json when the checkpoint stores one. "
+                                   "Refuses models whose components have no equivalent in either family.")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a modelkit checkpoint (.safetensors)")
     p.add_argument("out_dir", metavar="OUT_DIR", help="the folder to write (created if needed)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..weights.checkpoint import load_checkpoint, read_checkpoint
+    from ..weights.checkpoint import load_checkpoint, read_checkpoint, stored_tokenizer_file
     from ..weights.hf_families import export_family_of, export_hf
 
-    export_family_of(read_checkpoint(args.checkpoint).spec)  # refuse before loading any weights
-    out = export_hf(load_checkpoint(args.checkpoint), args.out_dir)
-    print(f"wrote {out / 'model.safetensors'} and {out / 'config.json'}")
+    info = read_checkpoint(args.checkpoint)
+    export_family_of(info.spec)  # refuse before loading any weights
+    tokenizer_json = stored_tokenizer_file(info)  # checked against its recorded sha256
+    out = export_hf(load_checkpoint(args.checkpoint), args.out_dir, tokenizer_json=tokenizer_json)
+    written = ["model.safetensors", "config.json"] + (["tokenizer.json"] if tokenizer_json is not None else [])
+    print(f"wrote {', '.join(str(out / name) for name in written)}")
     return 0

@@ -19,7 +19,8 @@ from ..generation import check_sampling_args, check_seed, stream_generate
 from ..model import GPTModel
 from ..runtime.onednn import onednn_linear_available
 from ..spec import load_spec
-from ..tokenizer import IncrementalDecoder, get_tokenizer, text_to_token_ids
+from ..hf_tokenizer import incremental_decoder
+from ..tokenizer import get_tokenizer, text_to_token_ids
 
 DEFAULT_SEED = 123
 
@@ -37,6 +38,10 @@ def add_parser(sub: Any) -> None:
                    help="trained weights: a modelkit checkpoint (its own spec is used; --config, if "
                         "given, must describe the same model), or the book's torch.save(state_dict) "
                         "file with --config naming its spec")
+    p.add_argument("--tokenizer", metavar="FILE",
+                   help="a Hugging Face tokenizer.json, or 'gpt2' for the built-in GPT-2 tokenizer (default: the "
+                        "one the checkpoint records; GPT-2's without --checkpoint, for the book's files and for "
+                        "checkpoints written before modelkit recorded tokenizers)")
     p.add_argument("--prompt", required=True, metavar="TEXT", help="the text to continue")
     p.add_argument("--max-new-tokens", type=int, default=50, metavar="N", help="tokens to generate (default 50)")
     p.add_argument("--temperature", type=float, default=0.0, metavar="T",
@@ -49,7 +54,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--device", default="auto", help=DEVICE_HELP + "; the model and the prompt go there first, "
                    "then the speed options apply (oneDNN, --native and huge pages are the CPU's)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole window at every step")
-    p.add_argument("--eos", action="store_true", help="stop at <|endoftext|> (not printed)")
+    p.add_argument("--eos", action="store_true",
+                   help="stop at the tokenizer's end-of-text token (GPT-2's <|endoftext|>; a tokenizer.json's is "
+                        "the eos_token_id of the imported config.json), not printed")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="weights and activations dtype (bfloat16: half the weight memory; fast on CPUs with "
                         "oneDNN bfloat16 kernels (AVX-512, AMX), slower than float32 elsewhere: see "
@@ -111,6 +118,25 @@ def load_model(args: argparse.Namespace) -> GPTModel:
     return model.eval()
 
 
+def load_tokenizer(args: argparse.Namespace) -> Any:
+    """The tokenizer to generate with: ``--tokenizer`` (``gpt2`` or a tokenizer.json file) if given,
+    else the one a modelkit checkpoint records (:func:`~modelkit.weights.checkpoint.checkpoint_tokenizer`),
+    else GPT-2's (random weights, the book's ``torch.save`` files). Raises :class:`GenerationError` when
+    the checkpoint records none (a folder imported without a tokenizer.json)."""
+    from ..hf_tokenizer import HFTokenizer
+    from ..weights import checkpoint
+
+    if args.tokenizer is not None:
+        return get_tokenizer() if args.tokenizer == "gpt2" else HFTokenizer.from_file(args.tokenizer)
+    if args.checkpoint is None or (args.config is not None and not checkpoint.is_checkpoint_file(args.checkpoint)):
+        return get_tokenizer()
+    tokenizer = checkpoint.checkpoint_tokenizer(args.checkpoint)
+    if tokenizer is None:
+        raise GenerationError(f"{args.checkpoint} records no tokenizer (it was imported from a folder without "
+                              "tokenizer.json); give --tokenizer FILE (a tokenizer.json, or gpt2)")
+    return tokenizer
+
+
 def run(args: argparse.Namespace) -> int:
     if args.config is None and args.checkpoint is None:
         raise GenerationError("give --config CONFIG (random weights) or --checkpoint FILE (trained weights)")
@@ -122,8 +148,8 @@ def run(args: argparse.Namespace) -> int:
     check_seed(args.seed)
     cpu_only = args.native or args.huge_pages  # options of the CPU: "auto" then means the CPU
     device = resolve_device("cpu" if args.device == "auto" and cpu_only else args.device)
-    tokenizer = get_tokenizer()
     model = load_model(args).to(device)
+    tokenizer = load_tokenizer(args)
     from ..runtime.native import NativeBuildError, NativeUnsupportedError
     from ..runtime.optimize import optimize_for_inference  # dtype, int8, and the decode-friendly weight layout
 
@@ -136,10 +162,15 @@ def run(args: argparse.Namespace) -> int:
         print("note: this CPU has no oneDNN bfloat16 kernels (AVX-512, AVX2-VNNI-2 or AMX): bfloat16 runs on "
               "PyTorch's generic kernels, slower than float32 (modelkit info --device)", file=sys.stderr)
     if model.spec.vocab_size < tokenizer.n_vocab:
+        name = "GPT-2 tokenizer's" if tokenizer is get_tokenizer() else f"tokenizer's ({tokenizer.source})"
         raise GenerationError(
-            f"the model has vocab_size {model.spec.vocab_size}, fewer than the GPT-2 tokenizer's "
+            f"the model has vocab_size {model.spec.vocab_size}, fewer than the {name} "
             f"{tokenizer.n_vocab} tokens; generating text needs vocab_size >= {tokenizer.n_vocab}"
         )
+    if args.eos and tokenizer.eot_token is None:
+        raise GenerationError(f"--eos: the tokenizer ({tokenizer.source}) has no end-of-text id (a checkpoint takes "
+                              "it from config.json's eos_token_id at import; a --tokenizer file has none); "
+                              "generate without --eos")
     idx = text_to_token_ids(args.prompt, tokenizer).to(device)
     eos_id = tokenizer.eot_token if args.eos else None
     out = sys.stdout
@@ -152,18 +183,18 @@ def run(args: argparse.Namespace) -> int:
                                 top_k=args.top_k, top_p=args.top_p, eos_id=eos_id, use_cache=not args.no_cache)
     for warning in caught:
         print(f"warning: {warning.message}", file=sys.stderr)
-    _stream_text(steps, tokenizer, eos_id, out)
+    _stream_text(steps, incremental_decoder(tokenizer, idx[0].tolist()), tokenizer.n_vocab, eos_id, out)
     return 0
 
 
-def _stream_text(steps: Iterator[Tensor], tokenizer: Any, eos_id: int | None, out: TextIO) -> None:
-    """Write each generated token's text to ``out`` as it comes (stopping at ``eos_id``), then a newline.
+def _stream_text(steps: Iterator[Tensor], decoder: Any, n_vocab: int, eos_id: int | None, out: TextIO) -> None:
+    """Write each generated token's text (by ``decoder``, which continues the prompt's) to ``out`` as it
+    comes (stopping at ``eos_id``), then a newline; ids from ``n_vocab`` up have no text (U+FFFD).
 
     A warning raised while decoding (e.g. greedy decoding of non-finite logits) is printed as one
     ``warning: ...`` line on stderr, as it happens; a :class:`GenerationError` (e.g. sampling from
     non-finite logits) ends the text's line and propagates.
     """
-    decoder = IncrementalDecoder(tokenizer)
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.showwarning = _warning_line
@@ -173,7 +204,7 @@ def _stream_text(steps: Iterator[Tensor], tokenizer: Any, eos_id: int | None, ou
                 if token_id == eos_id:
                     break
                 # ids past the tokenizer's (a padded vocabulary) have no text
-                text = decoder.feed(token_id) if token_id < tokenizer.n_vocab else "\ufffd"
+                text = decoder.feed(token_id) if token_id < n_vocab else "\ufffd"
                 if text:
                     out.write(text)
                     out.flush()

@@ -14,7 +14,10 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser("import-hf", help="convert a Hugging Face folder (GPT-2, Llama) to a modelkit checkpoint",
                        description="Read a Hugging Face folder (config.json with model.safetensors or "
                                    "pytorch_model.bin; model_type gpt2 or llama) and write a "
-                                   "modelkit checkpoint (safetensors with the resolved spec).")
+                                   "modelkit checkpoint (safetensors with the resolved spec). The folder's "
+                                   "tokenizer.json, if any, is stored in the checkpoint, which `modelkit "
+                                   "generate --checkpoint` then uses; a GPT-2 folder without one records "
+                                   "GPT-2's built-in tokenizer.")
     p.add_argument("folder", metavar="DIR", help="the Hugging Face model folder")
     p.add_argument("output", metavar="OUT", help="the modelkit checkpoint to write (.safetensors)")
     p.add_argument("--spec", help="a spec to use instead of the folder's config.json "
@@ -24,13 +27,15 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..weights.checkpoint import save_checkpoint
-    from ..weights.hf_families import load_hf
+    from ..weights.checkpoint import read_checkpoint
+    from ..weights.hf_families import import_hf
     from ..introspect import count_parameters
 
-    model = load_hf(args.folder, spec=args.spec, dtype=DTYPES[args.dtype] if args.dtype else None)
-    save_checkpoint(model, args.output, metadata={"source": f"hf:{args.folder}"})
+    model = import_hf(args.folder, args.output, spec=args.spec, dtype=DTYPES[args.dtype] if args.dtype else None)
     count = count_parameters(model)
+    record = read_checkpoint(args.output).tokenizer
+    tokenizer = {"gpt2": "GPT-2's tokenizer", "none": "no tokenizer (the folder has no tokenizer.json)",
+                 "tokenizer.json": "its tokenizer.json stored"}[record.type]
     print(f"wrote {args.output}: '{model.spec.name}', {count.total:,} parameters "
-          f"({model.tok_emb.weight.dtype}), from {args.folder}")
+          f"({model.tok_emb.weight.dtype}), {tokenizer}, from {args.folder}")
     return 0

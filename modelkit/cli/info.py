@@ -74,8 +74,20 @@ def checkpoint_report(info: CheckpointInfo) -> dict[str, Any]:
         "dtypes": info.dtypes,
         "tied": info.tied,
         "plugins": info.plugins,
+        "tokenizer": info.tokenizer.model_dump(exclude_none=True),
         "metadata": info.user_metadata,
     }
+
+
+def describe_tokenizer(record: dict[str, Any]) -> str:
+    """One line for a checkpoint's tokenizer record."""
+    if record["type"] == "gpt2":
+        return "gpt2 (built-in)"
+    if record["type"] == "none":
+        return "none recorded (give generate --tokenizer)"
+    eos = record.get("eos_token_id")
+    return (f"tokenizer.json stored ({record['size']:,} bytes, sha256 {record['sha256'][:16]}..., "
+            f"end-of-text id {eos if eos is not None else 'none'})")
 
 
 def device_report() -> dict[str, Any]:
@@ -144,6 +156,7 @@ def _run_config(args: argparse.Namespace) -> int:
         print(f"  checkpoint:  {c['file_bytes']:,} bytes, format {c['format_version']}, written by modelkit "
               f"{c['modelkit_version']}, {c['tensors']} tensors ({', '.join(c['dtypes'])})")
         print(f"  plugins:     {plugins}")
+        print(f"  tokenizer:   {describe_tokenizer(c['tokenizer'])}")
         if c["metadata"]:
             print(f"  metadata:    {', '.join(f'{k}={v}' for k, v in c['metadata'].items())}")
     print(f"  sizes:       vocab {spec.vocab_size}, context {spec.context_length}, emb {spec.emb_dim}, "

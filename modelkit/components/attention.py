@@ -22,13 +22,18 @@ BackendName = Annotated[
 _NO_POSITIONAL = NoPositional()
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, ctx: LayerContext | None, kernel: Any, dropout_p: float) -> Tensor:
+def attend(q: Tensor, k: Tensor, v: Tensor, ctx: LayerContext | None, kernel: Any, dropout_p: float, *,
+           window: int | None = None, softcap: float | None = None, scale: float | None = None) -> Tensor:
     """The shared path of every attention module: positions, cache, then the kernel.
 
     ``q: (b, h, s, d)``, ``k, v: (b, h_kv, s, d)`` for the current tokens. Applies the positional
     component's rotation, appends k/v to the layer's KV cache if there is one, adds its score bias,
     and runs the (causal) kernel. Returns ``(b, h, s, d)``. Keys/values with fewer heads than the
     queries (grouped-query attention) are repeated to match after caching.
+
+    ``window`` (a query sees itself and the ``window - 1`` positions before it; the cache then keeps
+    only the last ``window`` positions), ``softcap`` and ``scale`` are the kernel options of
+    :mod:`~modelkit.components.kernels`, passed to the kernel only when set.
     """
     if ctx is None:
         ctx = LayerContext(torch.arange(q.shape[-2], device=q.device), _NO_POSITIONAL)
@@ -36,15 +41,27 @@ def attend(q: Tensor, k: Tensor, v: Tensor, ctx: LayerContext | None, kernel: An
     if hooks.rotate is not Positional.rotate:  # the base class's hooks do nothing: skip the calls
         q, k = ctx.positional.rotate(q, k, ctx.positions)
     if ctx.cache is not None:
-        k, v = ctx.cache.update(k, v)
+        k, v = ctx.cache.update(k, v) if window is None else ctx.cache.update(k, v, window=window)
     bias = None
     if hooks.attention_bias is not Positional.attention_bias:
-        bias = ctx.positional.attention_bias(ctx.positions, torch.arange(k.shape[-2], device=q.device))
+        bias = ctx.positional.attention_bias(ctx.positions, _key_positions(ctx.positions, k.shape[-2], window))
     if k.shape[1] != q.shape[1]:
         groups = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
-    return kernel(q, k, v, bias=bias, dropout_p=dropout_p)
+    if window is None and softcap is None and scale is None:
+        return kernel(q, k, v, bias=bias, dropout_p=dropout_p)
+    options = {name: value for name, value in (("window", window), ("softcap", softcap), ("scale", scale))
+               if value is not None}
+    return kernel(q, k, v, bias=bias, dropout_p=dropout_p, **options)
+
+
+def _key_positions(q_positions: Tensor, n_keys: int, window: int | None) -> Tensor:
+    """The absolute positions of ``n_keys`` consecutive keys ending with the last query's position (a full
+    cache's keys start at 0; a windowed cache's, later)."""
+    if window is None:
+        return torch.arange(n_keys, device=q_positions.device)
+    return torch.arange(n_keys, device=q_positions.device) + (q_positions[-1] + 1 - n_keys)
 
 
 def multi_head(x: Tensor, qkv: Sequence[Tensor], ctx: LayerContext | None, heads: int, kernel: Any,
@@ -71,14 +88,14 @@ class MultiHeadAttention(Attention):
     def __init__(self, dims: ModelDims, *, backend: BackendName = "sdpa",
                  out_bias: Annotated[bool, Field(description="bias in out_proj")] = True) -> None:
         super().__init__()
-        d = dims.emb_dim
-        self.d_out = d
+        d, inner = dims.emb_dim, dims.attention_dim  # inner = n_heads * head_dim (emb_dim by default)
+        self.d_out = inner
         self.num_heads = dims.n_heads
-        self.head_dim = d // dims.n_heads
-        self.W_query = nn.Linear(d, d, bias=dims.qkv_bias)
-        self.W_key = nn.Linear(d, d, bias=dims.qkv_bias)
-        self.W_value = nn.Linear(d, d, bias=dims.qkv_bias)
-        self.out_proj = nn.Linear(d, d, bias=out_bias)
+        self.head_dim = dims.head_dim
+        self.W_query = nn.Linear(d, inner, bias=dims.qkv_bias)
+        self.W_key = nn.Linear(d, inner, bias=dims.qkv_bias)
+        self.W_value = nn.Linear(d, inner, bias=dims.qkv_bias)
+        self.out_proj = nn.Linear(inner, d, bias=out_bias)
         self.dropout = Dropout(dims.drop_rate)
         self.backend = backend
         self.kernel = get_attention_kernel(backend)

@@ -4,7 +4,8 @@ Every component is an ``nn.Module`` subclass of one of the base classes below, c
 ``Component(dims, *, **json_params)`` (blocks as ``Block(dims, parts, *, **json_params)``):
 
 - ``dims`` (:class:`ModelDims`): the spec's model-wide sizes: ``vocab_size``, ``context_length``,
-  ``emb_dim``, ``n_heads``, ``n_layers``, ``drop_rate``, ``qkv_bias``.
+  ``emb_dim``, ``n_heads``, ``n_layers``, ``drop_rate``, ``qkv_bias``, and ``head_dim`` (the spec's, else
+  ``emb_dim // n_heads``) with ``attention_dim = n_heads * head_dim``, the width attention projects to.
 - keyword-only arguments: the component's own JSON parameters, validated by the registry from their
   type hints (``Annotated[float, Field(gt=0)]`` adds constraints). A parameter annotated
   ``Annotated[nn.Module, SubComponent("activation")]`` is a nested component reference in JSON and
@@ -70,10 +71,18 @@ class ModelDims:
     n_layers: int
     drop_rate: float
     qkv_bias: bool
+    head_size: int | None = None  #: the spec's ``head_dim`` when it gives one
 
     @property
     def head_dim(self) -> int:
-        return self.emb_dim // self.n_heads
+        """The size of each attention head: the spec's ``head_dim``, else ``emb_dim // n_heads``."""
+        return self.head_size or self.emb_dim // self.n_heads
+
+    @property
+    def attention_dim(self) -> int:
+        """The width of all query heads together, ``n_heads * head_dim`` (``emb_dim`` unless ``head_dim``
+        is given): attention projects ``emb_dim`` to this and back."""
+        return self.n_heads * self.head_dim
 
 
 class Component(nn.Module):

@@ -11,11 +11,26 @@ built with its parameters on the meta device (buffers real), the tensor names an
 against it before any tensor data is read, and the weights are then *assigned* (memory-mapped from
 the file, not copied), so loading needs about one copy of the weights in memory. Any problem raises
 :class:`~modelkit.CheckpointError` and no model is returned.
+
+**The tokenizer.** ``modelkit.tokenizer`` records which tokenizer the model's ids belong to:
+``{"type": "gpt2"}`` (the built-in :mod:`modelkit.tokenizer`; also what a checkpoint without the
+record means, so older checkpoints read as before), ``{"type": "tokenizer.json", "sha256", "size",
+"eos_token_id"}`` (a Hugging Face file, stored in the checkpoint), or ``{"type": "none"}`` (a model
+imported without one). The file is stored *inside* the checkpoint, as the metadata text
+``modelkit.tokenizer.json``, rather than beside it: a checkpoint stays one file that can be copied,
+renamed or replaced atomically (:func:`save_checkpoint`) without a companion going stale or
+missing, and it still names no path to read. The header is the right place for it: safetensors
+reads headers up to 100 MB, and a tokenizer of at most :data:`~modelkit.limits.MAX_TOKENIZER_BYTES`
+(40 MiB; published ones are up to ~33 MB) stays under that even escaped as JSON text, while every
+tensor reader (``safetensors.torch.load_file`` + ``load_state_dict`` included) sees only the model's
+tensors. The recorded SHA-256 is checked whenever the file is used (:func:`checkpoint_tokenizer`,
+:func:`stored_tokenizer_file`), so an edited or truncated copy is refused, never used.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -30,12 +45,15 @@ from torch import Tensor, nn
 
 from ..errors import CheckpointError, PluginError, RegistryError, SpecError, SpecIssue
 from ..registry import KINDS
-from ..spec import SLOT_DEFAULTS, ComponentSpec, ModelSpec, load_spec, parse_json, validate_spec
+from ..spec import ComponentSpec, ModelSpec, load_spec, parse_json, validate_spec
 from .safetensors_file import (
     ST_DTYPES, Header, describe_json, loads_json, map_tensors, open_file, pydantic_lines, read_header, read_header_of,
 )
 
 if TYPE_CHECKING:
+    import tiktoken
+
+    from ..hf_tokenizer import HFTokenizer
     from ..model import GPTModel
 
 FORMAT_NAME = "modelkit-checkpoint"
@@ -48,6 +66,8 @@ KEY_SPEC = "modelkit.spec"
 KEY_PLUGINS = "modelkit.plugins"
 KEY_TIED = "modelkit.tied"
 KEY_TORCH = "torch.version"
+KEY_TOKENIZER = "modelkit.tokenizer"
+KEY_TOKENIZER_JSON = "modelkit.tokenizer.json"
 _RESERVED = {"format", KEY_TORCH}
 _MAX_LISTED = 20  # names listed per kind of problem before "... and N more"
 _MAX_TEXT = 1000  # characters of a name or version recorded in the metadata
@@ -98,6 +118,7 @@ class CheckpointInfo:
     file_size: int
     data_offset: int  # where tensor data starts (8 + header length)
     data_size: int = field(default=0)  # bytes of tensor data the header promises
+    tokenizer: TokenizerRecord = field(default_factory=lambda: TokenizerRecord(type="gpt2"))
 
     @property
     def n_parameters(self) -> int:
@@ -122,8 +143,8 @@ def _walk_components(spec: ModelSpec) -> Iterator[tuple[str, str, ComponentSpec]
             if isinstance(value, ComponentSpec) and key in subs:
                 yield from walk(f"{path}.{key}", subs[key], value)
 
-    for slot in SLOT_DEFAULTS:
-        yield from walk(slot, slot, getattr(spec, slot))
+    for slot, kind, ref in spec.slots():
+        yield from walk(slot, kind, ref)
 
 
 def component_provenance(spec: ModelSpec) -> list[dict[str, str | None]]:
@@ -377,9 +398,35 @@ class _PluginRecord(BaseModel):
     module: _Text | None
 
 
+class TokenizerRecord(BaseModel):
+    """``modelkit.tokenizer``: which tokenizer the model's ids belong to (see the module docstring).
+
+    ``sha256`` and ``size`` describe the stored ``tokenizer.json`` (and only it); ``eos_token_id`` is
+    its end-of-text id, when the Hugging Face config named one."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+    type: Literal["gpt2", "tokenizer.json", "none"]
+    sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")] | None = None
+    size: Annotated[int, Field(ge=0)] | None = None
+    eos_token_id: Annotated[int, Field(ge=0)] | None = None
+
+    def problems(self) -> list[str]:
+        """What is inconsistent in the record: a stored file without its hash and size, or the reverse."""
+        stored = self.type == "tokenizer.json"
+        given = [name for name in ("sha256", "size", "eos_token_id") if getattr(self, name) is not None]
+        if stored and (self.sha256 is None or self.size is None):
+            return [f"metadata.{KEY_TOKENIZER}: a stored tokenizer.json needs its sha256 and size"]
+        if not stored and given:
+            return [f"metadata.{KEY_TOKENIZER}: {', '.join(given)} belong to a stored tokenizer.json only, "
+                    f"not to type {self.type!r}"]
+        return []
+
+
 _METADATA = TypeAdapter(dict[str, str], config=ConfigDict(strict=True))
 _PLUGINS = TypeAdapter(Annotated[list[_PluginRecord], Field(max_length=_MAX_PLUGINS)])
 _TIED = TypeAdapter(dict[_Text, _Text], config=ConfigDict(strict=True))
+_TOKENIZER = TypeAdapter(TokenizerRecord)
 _VERSION_TEXT = re.compile(r"[0-9]{1,9}")
 
 
@@ -444,6 +491,19 @@ def _spec_field(meta: Mapping[str, str], path: Path) -> ModelSpec:
     return spec
 
 
+def _tokenizer_field(meta: Mapping[str, str], problems: list[str]) -> TokenizerRecord | None:
+    """The checkpoint's tokenizer record (GPT-2's when absent); None (and problems) if it is invalid."""
+    record = _json_field(meta, KEY_TOKENIZER, '{"type": "gpt2"}', _TOKENIZER, problems)
+    if record is None:
+        return None
+    found = record.problems()
+    if record.type != "tokenizer.json" and KEY_TOKENIZER_JSON in meta:
+        found.append(f"metadata.{KEY_TOKENIZER_JSON}: a stored tokenizer.json, but "
+                     f"metadata.{KEY_TOKENIZER} records type {record.type!r}")
+    problems.extend(found)
+    return None if found else record
+
+
 def check_spec_fits_tensors(spec: ModelSpec, sources: Mapping[str, tuple[tuple[int, ...], torch.dtype | None]],
                             source: str) -> None:
     """Raise :class:`CheckpointError` unless tensors ``{name: (shape, dtype)}`` fit ``spec``: the lines
@@ -478,6 +538,7 @@ def _checkpoint_info(path: Path, header: Header) -> CheckpointInfo:
         problems.append(f"metadata.{KEY_VERSION}: longer than {_MAX_TEXT} characters")
     records = _json_field(meta, KEY_PLUGINS, "[]", _PLUGINS, problems)
     tied = _json_field(meta, KEY_TIED, "{}", _TIED, problems)
+    tokenizer = _tokenizer_field(meta, problems)
     if problems:
         raise CheckpointError(f"{path}: invalid modelkit metadata:\n  " + "\n  ".join(problems))
     plugins = [r.model_dump() for r in records]
@@ -487,7 +548,7 @@ def _checkpoint_info(path: Path, header: Header) -> CheckpointInfo:
     check_spec_fits_tensors(spec, {n: (t.shape, t.torch_dtype) for n, t in tensors.items()}, str(path))
     user = {k: v for k, v in meta.items() if not k.startswith("modelkit.") and k not in _RESERVED}
     return CheckpointInfo(path, spec, version, meta.get(KEY_VERSION, "?"), dict(meta), user, plugins, tied,
-                          tensors, header.file_size, header.data_offset, header.data_size)
+                          tensors, header.file_size, header.data_offset, header.data_size, tokenizer)
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> CheckpointInfo:
@@ -515,8 +576,26 @@ def is_checkpoint_file(path: str | os.PathLike[str]) -> bool:
 
 # -- saving ------------------------------------------------------------------------------------------
 
-def checkpoint_metadata(model: GPTModel, metadata: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The metadata :func:`save_checkpoint` writes for ``model``, ``metadata`` included.
+def tokenizer_metadata(tokenizer: HFTokenizer | Literal["gpt2"] | None) -> dict[str, str]:
+    """The metadata recording ``tokenizer``: ``"gpt2"`` (the built-in), an :class:`HFTokenizer`
+    (stored, with its hash, size and end-of-text id) or None (no tokenizer is known)."""
+    from ..hf_tokenizer import HFTokenizer
+
+    if tokenizer is None or tokenizer == "gpt2":
+        record = TokenizerRecord(type="none" if tokenizer is None else "gpt2")
+        return {KEY_TOKENIZER: record.model_dump_json(exclude_none=True)}
+    if not isinstance(tokenizer, HFTokenizer):
+        raise CheckpointError(f"tokenizer must be 'gpt2', an HFTokenizer or None, got {type(tokenizer).__name__}")
+    record = TokenizerRecord(type="tokenizer.json", sha256=tokenizer.sha256, size=len(tokenizer.data),
+                             eos_token_id=tokenizer.eot_token)
+    return {KEY_TOKENIZER: record.model_dump_json(exclude_none=True),
+            KEY_TOKENIZER_JSON: tokenizer.data.decode("utf-8")}
+
+
+def checkpoint_metadata(model: GPTModel, metadata: Mapping[str, str] | None = None,
+                        tokenizer: HFTokenizer | Literal["gpt2"] | None = "gpt2") -> dict[str, str]:
+    """The metadata :func:`save_checkpoint` writes for ``model``, ``metadata`` and the record of
+    ``tokenizer`` (:func:`tokenizer_metadata`) included.
 
     Raises :class:`CheckpointError` if a caller key is reserved or a value is not a string.
     """
@@ -540,6 +619,7 @@ def checkpoint_metadata(model: GPTModel, metadata: Mapping[str, str] | None = No
         KEY_SPEC: spec.to_json(indent=None),
         KEY_PLUGINS: json.dumps(component_provenance(spec)),
         KEY_TIED: json.dumps(tied_names(model)),
+        **tokenizer_metadata(tokenizer),
     }
 
 
@@ -568,11 +648,14 @@ def checkpoint_tensors(model: GPTModel) -> dict[str, Tensor]:
 
 
 def save_checkpoint(model: GPTModel, path: str | os.PathLike[str], *,
-                    metadata: dict[str, str] | None = None) -> None:
+                    metadata: dict[str, str] | None = None,
+                    tokenizer: HFTokenizer | Literal["gpt2"] | None = "gpt2") -> None:
     """Write ``model`` to ``path`` as a modelkit checkpoint (safetensors).
 
     The file holds :func:`checkpoint_tensors` (every parameter and persistent buffer once, tied
-    weights once) and the metadata of :func:`checkpoint_metadata`. It is written to a temporary file
+    weights once) and the metadata of :func:`checkpoint_metadata`, which records ``tokenizer``
+    (default GPT-2's; an :class:`HFTokenizer`'s file is stored in the checkpoint, after a check
+    that the model has an output for each of its ids). It is written to a temporary file
     in the same folder, synced and renamed over ``path``, so ``path`` is either the old file or the
     complete new one; a failure to write (a full disk included) raises :class:`CheckpointError` with
     the path and the OS reason and leaves no temporary file.
@@ -580,7 +663,11 @@ def save_checkpoint(model: GPTModel, path: str | os.PathLike[str], *,
     from ..files import write_safetensors
 
     tensors = checkpoint_tensors(model)
-    md = checkpoint_metadata(model, metadata)
+    md = checkpoint_metadata(model, metadata, tokenizer)
+    n_vocab, source = getattr(tokenizer, "n_vocab", 0), getattr(tokenizer, "source", "")  # an HFTokenizer's
+    if n_vocab > model.spec.vocab_size:
+        raise CheckpointError(f"the tokenizer {source} has {n_vocab:,} tokens, more than the model's vocab_size "
+                              f"{model.spec.vocab_size:,}: they belong to different models")
     write_safetensors(tensors, Path(path), metadata=md, what="checkpoint", error=CheckpointError)
 
 
@@ -622,6 +709,68 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: str | torch.device 
     if target is not None:
         model.to(target)  # buffers
     return model.eval()
+
+
+def _tokenizer_of(checkpoint: CheckpointInfo | str | os.PathLike[str]
+                  ) -> tuple[Path, Mapping[str, str], TokenizerRecord]:
+    """(path, metadata, tokenizer record) of a checkpoint; from a path, only the header's metadata
+    and the record are read and checked (no spec is built)."""
+    if isinstance(checkpoint, CheckpointInfo):
+        return checkpoint.path, checkpoint.metadata, checkpoint.tokenizer
+    path = Path(checkpoint)
+    meta = _metadata_text(read_header_of(path).metadata, path)
+    _format_version(meta, path)
+    problems: list[str] = []
+    record = _tokenizer_field(meta, problems)
+    if record is None:
+        raise CheckpointError(f"{path}: invalid modelkit metadata:\n  " + "\n  ".join(problems))
+    return path, meta, record
+
+
+def stored_tokenizer_file(checkpoint: CheckpointInfo | str | os.PathLike[str]) -> bytes | None:
+    """The ``tokenizer.json`` stored in a checkpoint (its :class:`CheckpointInfo` or path), exactly as
+    it was imported, or None when it records GPT-2's or none. Raises :class:`CheckpointError` if the
+    record names a stored file that is missing or whose size or SHA-256 differs from the record's."""
+    return _stored_file(*_tokenizer_of(checkpoint))
+
+
+def _stored_file(path: Path, meta: Mapping[str, str], record: TokenizerRecord) -> bytes | None:
+    """:func:`stored_tokenizer_file` of the checkpoint ``path`` with metadata ``meta`` and ``record``."""
+    if record.type != "tokenizer.json":
+        return None
+    text = meta.get(KEY_TOKENIZER_JSON)
+    if text is None:
+        raise CheckpointError(f"{path}: metadata.{KEY_TOKENIZER} records a stored tokenizer.json, but "
+                              f"metadata.{KEY_TOKENIZER_JSON} is missing; import the model again")
+    data = text.encode("utf-8")
+    actual = hashlib.sha256(data).hexdigest()
+    if len(data) != record.size or actual != record.sha256:
+        raise CheckpointError(f"{path}: the stored tokenizer.json was altered: the record says "
+                              f"{record.size:,} bytes with sha256 {record.sha256}, it holds {len(data):,} bytes "
+                              f"with sha256 {actual}; import the model again")
+    return data
+
+
+def checkpoint_tokenizer(checkpoint: CheckpointInfo | str | os.PathLike[str]
+                         ) -> tiktoken.Encoding | HFTokenizer | None:
+    """The tokenizer a checkpoint (its :class:`CheckpointInfo` or path) records: GPT-2's (also for
+    checkpoints without a record), its stored ``tokenizer.json`` as an
+    :class:`~modelkit.hf_tokenizer.HFTokenizer` (checked by :func:`stored_tokenizer_file`), or None
+    when it records none. Raises :class:`CheckpointError` for an invalid record or a missing,
+    altered or unreadable stored file."""
+    from ..hf_tokenizer import HFTokenizer, TokenizerFileError
+    from ..tokenizer import get_tokenizer
+
+    path, meta, record = _tokenizer_of(checkpoint)
+    if record.type == "gpt2":
+        return get_tokenizer()
+    data = _stored_file(path, meta, record)
+    if data is None:
+        return None
+    try:
+        return HFTokenizer(data, f"{path} (its stored tokenizer.json)", record.eos_token_id)
+    except TokenizerFileError as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 def _torch_load(path: Path) -> Any:

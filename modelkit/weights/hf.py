@@ -43,7 +43,7 @@ from .checkpoint import _Source, _load_sources, _resolve_device, _torch_load, bu
 from .safetensors_file import describe_json, loads_json, map_tensors, open_file, pydantic_lines, read_header
 from ..errors import CheckpointError, SpecError
 from ..files import atomic_file, atomic_folder, write_bytes
-from ..spec import ModelSpec, load_spec, validate_spec
+from ..spec import ModelSpec, load_spec, model_level_features, validate_spec
 
 if TYPE_CHECKING:
     from ..model import GPTModel
@@ -209,6 +209,13 @@ def _read_json(path: Path) -> Any:
         raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
 
 
+def model_level_problems(spec: ModelSpec, label: str, stated: tuple[str, ...] = ()) -> list[str]:
+    """The model-level fields of ``spec`` that differ from the book's model (:func:`model_level_features`)
+    and that a ``label`` config cannot state: the fields not named in ``stated``."""
+    return [f"{feature} (a {label} config cannot state it)" for feature in model_level_features(spec)
+            if feature.split()[0] not in stated]
+
+
 def hf_config_from_spec(spec: ModelSpec, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """The ``config.json`` of a ``GPT2LMHeadModel`` equivalent to ``spec``.
 
@@ -233,6 +240,7 @@ def hf_config_from_spec(spec: ModelSpec, dtype: torch.dtype = torch.float32) -> 
         problems.append(f"activation '{act_name}' (GPT-2 configs support {', '.join(EXPORT_ACTIVATIONS)})")
     if spec.block.type != "pre_norm":
         problems.append(f"block '{spec.block.type}' (GPT-2 blocks are pre_norm)")
+    problems += model_level_problems(spec, "GPT-2")
     if problems:
         raise CheckpointError(f"the model '{spec.name}' has no GPT-2 equivalent; these parts differ:\n  "
                               + "\n  ".join(problems))
@@ -501,15 +509,19 @@ def export_hf_gpt2(model: GPTModel, out_dir: str | os.PathLike[str]) -> Path:
     return write_hf_folder(hf_config_from_spec(model.spec, dtype), modelkit_to_hf_state_dict(model), out_dir)
 
 
-def write_hf_folder(config: Mapping[str, Any], tensors: Mapping[str, Tensor], out_dir: str | os.PathLike[str]) -> Path:
-    """Write ``model.safetensors`` (``tensors``) and ``config.json`` (``config``) into ``out_dir``,
-    atomically as :func:`export_hf_gpt2` describes. Returns the folder."""
+def write_hf_folder(config: Mapping[str, Any], tensors: Mapping[str, Tensor], out_dir: str | os.PathLike[str],
+                    tokenizer_json: bytes | None = None) -> Path:
+    """Write ``model.safetensors`` (``tensors``), ``config.json`` (``config``) and, if given,
+    ``tokenizer.json`` (those bytes) into ``out_dir``, atomically as :func:`export_hf_gpt2`
+    describes. Returns the folder."""
     from safetensors.torch import save_file
 
     files: dict[str, Callable[[Path], None]] = {
         "model.safetensors": lambda p: save_file(dict(tensors), str(p), metadata={"format": "pt"}),
         "config.json": lambda p: write_bytes(p, (json.dumps(config, indent=2) + "\n").encode("utf-8")),
     }
+    if tokenizer_json is not None:
+        files["tokenizer.json"] = lambda p: write_bytes(p, tokenizer_json)
     out = Path(out_dir)
     if out.exists():  # the folder stays (it may be the working folder, or hold other files): swap its files
         _replace_files_in(out, files)

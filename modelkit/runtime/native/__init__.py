@@ -89,11 +89,15 @@ def _layout(model: nn.Module) -> tuple[list[Tensor | None], list[float], int, st
     from ...components.norm import LayerNorm
     from ...components.positional import LearnedPositional
     from ...model import GPTModel
+    from ...spec import model_level_features
     from ..onednn import OneDNNLinear, OneDNNLinearActivation, onednn_linear_available
     from ..stacking import StackedLinear
 
     if type(model) is not GPTModel:
         return f"not a GPTModel ({type(model).__name__})"
+    beyond = model_level_features(model.spec)
+    if beyond:
+        return f"the spec sets {', '.join(beyond)} (the native step is GPT-2's composition)"
     if model.training:
         return "the model is in training mode"
     if not onednn_linear_available():

@@ -1,7 +1,7 @@
 """Hugging Face model families: one module per ``config.json`` ``model_type``.
 
 Each family module (:mod:`.gpt2`, :mod:`.llama`, :mod:`.qwen2`, :mod:`.opt`, :mod:`.gpt_neox`,
-:mod:`.olmo2`) defines one :class:`~.base.HFFamily`:
+:mod:`.mistral`, :mod:`.olmo2`) defines one :class:`~.base.HFFamily`:
 
 - ``spec_from_config(config, name, source)``: the modelkit spec of the family's ``config.json``,
   made of registered parts (the spec never names the family); a field modelkit cannot honour is
@@ -12,7 +12,9 @@ Each family module (:mod:`.gpt2`, :mod:`.llama`, :mod:`.qwen2`, :mod:`.opt`, :mo
 
 :data:`FAMILIES` maps ``model_type`` to its family; :func:`family_for` picks one and refuses an
 unknown ``model_type``. :func:`load_hf` and :func:`export_hf` are the entries that dispatch on it
-(``modelkit import-hf`` / ``export-hf`` call them). A new family is a new module and one line here.
+(``modelkit import-hf`` / ``export-hf`` call :func:`import_hf` and :func:`export_hf`, which carry
+the folder's ``tokenizer.json`` into the checkpoint and back: :func:`folder_tokenizer`). A new
+family is a new module and one line here.
 
 Layering: the family modules use :mod:`modelkit.weights.hf` (GPT-2 and the shared folder reading,
 key-map and writing machinery); nothing there imports this package.
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -33,6 +35,7 @@ from .base import HFFamily
 from .gpt2 import GPT2
 from .gpt_neox import GPT_NEOX
 from .llama import LLAMA
+from .mistral import MISTRAL
 from .olmo2 import OLMO2
 from .opt import OPT
 from .qwen2 import QWEN2
@@ -40,10 +43,11 @@ from .qwen2 import QWEN2
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from ...hf_tokenizer import HFTokenizer
     from ...model import GPTModel
 
 FAMILIES: dict[str, HFFamily] = {family.model_type: family
-                                 for family in (GPT2, LLAMA, QWEN2, OPT, GPT_NEOX, OLMO2)}
+                                 for family in (GPT2, LLAMA, QWEN2, OPT, GPT_NEOX, MISTRAL, OLMO2)}
 
 
 def family_for(config: Any, source: str = "config.json") -> HFFamily:
@@ -66,7 +70,7 @@ def load_hf(folder: str | os.PathLike[str], *,
     """Load a Hugging Face model folder of any supported family as a modelkit model, in eval mode.
 
     The family is ``config.json``'s ``model_type`` (``gpt2``, ``llama``, ``qwen2``, ``opt``, ``gpt_neox``,
-    ``olmo2``); without a ``config.json`` (only with ``spec=``) the folder is read as GPT-2, as
+    ``mistral``, ``olmo2``); without a ``config.json`` (only with ``spec=``) the folder is read as GPT-2, as
     :func:`~modelkit.weights.hf.load_hf_gpt2` does. Weights come from ``model.safetensors`` (or a
     sharded ``model.safetensors.index.json``), else ``pytorch_model.bin`` through
     ``torch.load(weights_only=True)``, renamed by the family's explicit key map. The spec is
@@ -87,6 +91,61 @@ def load_hf(folder: str | os.PathLike[str], *,
     return load_mapped(root, resolved, family.to_modelkit, family.label, device=device, dtype=dtype)
 
 
+def _eos_token_id(config: Any, source: str) -> int | None:
+    """``config.json``'s ``eos_token_id``: an id, the first of a list of ids, or None when absent/null."""
+    value = config.get("eos_token_id") if isinstance(config, Mapping) else None
+    if isinstance(value, list) and value:
+        value = value[0]
+    if value is None or value == []:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise CheckpointError(f"{source}: eos_token_id must be a token id (a whole number >= 0) or a list of "
+                              f"them, got {value!r}")
+    return value
+
+
+def folder_tokenizer(folder: str | os.PathLike[str]) -> HFTokenizer | Literal["gpt2"] | None:
+    """The tokenizer of a Hugging Face folder: its ``tokenizer.json`` (with ``config.json``'s
+    ``eos_token_id`` as end-of-text id) when it has one; else ``"gpt2"`` for a GPT-2 folder (its
+    ``model_type``, or no ``config.json``), the built-in tokenizer; else None (none is known).
+    Raises :class:`CheckpointError` for a tokenizer.json that is not a readable tokenizer (too large,
+    not JSON, not a regular file) or an end-of-text id it does not have."""
+    from ...hf_tokenizer import HFTokenizer, TokenizerFileError
+
+    root = check_folder(folder)
+    cfg_path = root / "config.json"
+    config = _read_json(cfg_path) if cfg_path.exists() else None
+    file = root / "tokenizer.json"
+    if not os.path.lexists(file):
+        gpt2 = config is None or family_for(config, str(cfg_path)) is GPT2
+        return "gpt2" if gpt2 else None
+    eos = _eos_token_id(config, str(cfg_path))
+    try:
+        return HFTokenizer.from_file(file, eos)
+    except TokenizerFileError as exc:
+        raise CheckpointError(str(exc)) from None
+
+
+def import_hf(folder: str | os.PathLike[str], output: str | os.PathLike[str], *,
+              spec: ModelSpec | Mapping[str, Any] | str | os.PathLike[str] | None = None,
+              dtype: torch.dtype | None = None, metadata: Mapping[str, str] | None = None) -> GPTModel:
+    """Convert a Hugging Face folder into the modelkit checkpoint ``output`` and return the model.
+
+    The model is :func:`load_hf`'s; the checkpoint records the folder's tokenizer
+    (:func:`folder_tokenizer`; a ``tokenizer.json`` is stored in it) and ``metadata`` (default
+    ``{"source": "hf:FOLDER"}``). The tokenizer is read first, so a bad one is refused before any
+    weights; one with more tokens than the model's ``vocab_size`` is refused too
+    (:class:`CheckpointError`), and nothing is written then.
+    """
+    from ..checkpoint import save_checkpoint
+
+    tokenizer = folder_tokenizer(folder)
+    model = load_hf(folder, spec=spec, dtype=dtype)
+    extra = dict(metadata) if metadata is not None else {"source": f"hf:{folder}"}
+    save_checkpoint(model, output, metadata=extra, tokenizer=tokenizer)
+    return model
+
+
 def export_family_of(spec: ModelSpec) -> HFFamily:
     """The family whose ``config.json`` can state ``spec`` (GPT-2 first).
 
@@ -103,16 +162,18 @@ def export_family_of(spec: ModelSpec) -> HFFamily:
     raise CheckpointError("\n".join(refusals))
 
 
-def export_hf(model: GPTModel, out_dir: str | os.PathLike[str]) -> Path:
-    """Write ``model`` as a Hugging Face folder (``model.safetensors`` + ``config.json``) of the family
-    its parts make (GPT-2, Llama, Qwen2, OPT, GPT-NeoX or OLMo 2), which ``transformers.AutoModelForCausalLM.from_pretrained`` opens.
+def export_hf(model: GPTModel, out_dir: str | os.PathLike[str], *, tokenizer_json: bytes | None = None) -> Path:
+    """Write ``model`` as a Hugging Face folder (``model.safetensors`` + ``config.json``, and
+    ``tokenizer.json`` holding ``tokenizer_json`` when given) of the family its parts make (see
+    :data:`FAMILIES`), which ``transformers.AutoModelForCausalLM.from_pretrained`` opens.
     Returns the folder. Raises :class:`CheckpointError`, before writing anything, if no family has an
     equivalent (naming, per family, the parts that differ). Written atomically, as
     :func:`~modelkit.weights.hf.export_hf_gpt2`.
     """
     family = export_family_of(model.spec)
     config = family.config_from_spec(model.spec, model.tok_emb.weight.dtype)
-    return write_hf_folder(config, family.to_hf(model), out_dir)
+    return write_hf_folder(config, family.to_hf(model), out_dir, tokenizer_json)
 
 
-__all__ = ["FAMILIES", "HFFamily", "export_family_of", "export_hf", "family_for", "load_hf"]
+__all__ = ["FAMILIES", "HFFamily", "export_family_of", "export_hf", "family_for", "folder_tokenizer", "import_hf",
+           "load_hf"]

@@ -44,7 +44,7 @@ from torch import Tensor
 
 from .base import HFFamily, head_size_problems, rename, rename_back
 from .llama import _read_config, _refuse
-from ..hf import _HFSize, _Source, _derive, _json_type, KeyRule
+from ..hf import _HFSize, _Source, _derive, _json_type, KeyRule, model_level_problems
 from ...errors import CheckpointError, SpecError
 from ...spec import ModelSpec, validate_spec
 
@@ -224,6 +224,7 @@ def _spec_problems(spec: ModelSpec) -> list[str]:
         problems.append(f"feedforward {ff.model_dump()} (GPT-NeoX uses mlp with biases and gelu_exact)")
     if block.type != "parallel" or block.params.get("shared_norm", True):
         problems.append(f"block {block.model_dump()} (GPT-NeoX uses parallel with shared_norm false)")
+    problems += model_level_problems(spec, "GPT-NeoX")
     return problems
 
 

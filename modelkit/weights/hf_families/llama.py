@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor
 
 from .base import HFFamily, head_size_problems, rename, rename_back
-from ..hf import _HFSize, KeyRule, _json_type
+from ..hf import _HFSize, KeyRule, _json_type, model_level_problems
 from ..safetensors_file import pydantic_lines
 from ...errors import CheckpointError, SpecError
 from ...spec import ModelSpec, validate_spec
@@ -165,8 +165,8 @@ def _build_spec(cfg: _LlamaConfig, name: str, source: str, label: str, positiona
                 problems: list[str], *, qkv_bias: bool, out_bias: bool, mlp_bias: bool,
                 attention: Mapping[str, Any] | None = None, block: str = "pre_norm") -> ModelSpec:
     """The spec of llama parts for a validated config, or :class:`CheckpointError` listing ``problems``
-    (naming ``source``) if there are any, or if the result is not a valid spec. ``attention`` adds
-    ``llama.gqa`` parameters (q/k norms); ``block`` is the block type."""
+    (naming ``source``) if there are any, or if the result is not a valid spec. ``attention`` holds
+    further ``llama.gqa`` parameters (a sliding window, q/k norms); ``block`` is the block type."""
     if problems:
         raise CheckpointError(f"cannot build a modelkit spec from the {label} config {source}: " + "; ".join(problems))
     data = {
@@ -212,12 +212,15 @@ def _rename_folder(sources: Mapping[str, Any], spec: ModelSpec,
     return rename(sources, key_map, ignored=_IGNORED, drop=("lm_head.weight",) if spec.tie_embeddings else ())
 
 
-def _part_problems(spec: ModelSpec, label: str,
-                   gqa_check: Callable[[ModelSpec], str | None] | None = None, *,
+def _part_problems(spec: ModelSpec, label: str, gqa_check: Callable[[ModelSpec], str | None] | None = None, *,
+                   window: bool = False, window_pattern: bool = False, stated: tuple[str, ...] = (),
                    qk_norm: str = "none", block: str = "pre_norm") -> list[str]:
     """The parts of ``spec`` that are not the llama parts a ``label`` model is made of (``llama.gqa``
     with ``qk_norm``, ``block`` blocks); with ``gqa_check``, also its problem (if any) with a
-    ``llama.gqa`` attention, listed after it."""
+    ``llama.gqa`` attention, listed after it. A ``llama.gqa`` option the family does not have is a
+    problem too: soft-capping, a query scale, a sliding window (unless ``window``), on some layers only
+    (unless ``window_pattern``); and so are the model-level fields other than ``stated`` that differ
+    from the book's model."""
     pos, norm, att, ff = spec.positional, spec.norm, spec.attention, spec.feedforward
     problems = []
     if pos.type != "llama.rope":
@@ -229,12 +232,28 @@ def _part_problems(spec: ModelSpec, label: str,
     else:
         if att.params.get("qk_norm", "none") != qk_norm:
             problems.append(f"attention qk_norm '{att.params.get('qk_norm', 'none')}' ({label}'s is '{qk_norm}')")
+        problems += _gqa_option_problems(spec, label, window, window_pattern)
         if gqa_check is not None and (problem := gqa_check(spec)) is not None:
             problems.append(problem)
     if ff.type != "llama.swiglu":
         problems.append(f"feedforward '{ff.type}' ({label} uses llama.swiglu)")
     if spec.block.type != block:
         problems.append(f"block '{spec.block.type}' ({label} blocks are {block})")
+    return problems + model_level_problems(spec, label, stated)
+
+
+def _gqa_option_problems(spec: ModelSpec, label: str, window: bool, window_pattern: bool) -> list[str]:
+    """The ``llama.gqa`` options of ``spec`` a ``label`` model does not have (``window``: it can slide a
+    window; ``window_pattern``: on some layers only)."""
+    params = spec.attention.params
+    missing = (("softcap", "attention soft-capping"), ("query_scale", "query scale other than 1/√head_dim"))
+    problems = [f"attention {name} {params[name]} ({label} has no {what})"
+                for name, what in missing if params.get(name) is not None]
+    window_size = params.get("sliding_window")
+    if window_size is not None and not window:
+        problems.append(f"attention sliding_window {window_size} ({label} attends to every position)")
+    elif window_size is not None and not window_pattern and not all(params.get("window_pattern", [True])):
+        problems.append(f"attention window_pattern {params['window_pattern']} ({label} slides the window on every layer)")
     return problems
 
 

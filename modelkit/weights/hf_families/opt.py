@@ -41,7 +41,7 @@ from torch import Tensor
 
 from .base import HFFamily, rename
 from .llama import _read_config, _refuse, _state_to_hf
-from ..hf import _HFSize, KeyRule
+from ..hf import _HFSize, KeyRule, model_level_problems
 from ...errors import CheckpointError, SpecError
 from ...spec import ModelSpec, validate_spec
 
@@ -165,6 +165,7 @@ def _spec_problems(spec: ModelSpec) -> list[str]:
         problems.append(f"feedforward {ff.model_dump()} (OPT uses mlp with biases and relu)")
     if spec.block.type != "pre_norm":
         problems.append(f"block '{spec.block.type}' (modelkit exports OPT's pre_norm blocks only)")
+    problems += model_level_problems(spec, "OPT")
     return problems
 
 

@@ -18,19 +18,25 @@ The key map (:data:`QWEN2_KEY_MAP`) is Llama's without the tensors Qwen2 does no
     model.norm.weight                                -> final_norm.weight
     lm_head.weight                                   -> out_head.weight  (absent or dropped when tied)
 
-Refused with a :class:`CheckpointError` naming the field: ``use_sliding_window: true`` or a
-``layer_types`` entry other than ``full_attention`` (sliding-window attention is not implemented),
-a ``rope_type`` other than ``default``, ``hidden_act`` other than ``silu``, a ``head_dim`` other
-than ``hidden_size / num_attention_heads``.
+Sliding windows are read as ``Qwen2Config`` derives them: with ``use_sliding_window: true``, the
+layers ``layer_types`` names ``sliding_attention`` (by default layers ``max_window_layers`` and up)
+attend over the last ``sliding_window`` positions: ``llama.gqa``'s ``sliding_window`` with a
+``window_pattern`` (the shortest that repeats to the layers' list). Export writes ``layer_types``.
+
+Refused with a :class:`CheckpointError` naming the field: ``sliding_attention`` layers without
+``use_sliding_window``, a ``layer_types`` entry other than ``full_attention``/``sliding_attention``
+or a list of another length than the layers, a ``rope_type`` other than ``default``, ``hidden_act``
+other than ``silu``, a ``head_dim`` other than ``hidden_size / num_attention_heads``.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
 from .base import HFFamily
@@ -51,32 +57,55 @@ class _Qwen2Config(_LlamaConfig):
 
     max_position_embeddings: _HFSize = 32768
     use_sliding_window: bool = False
+    sliding_window: Annotated[int, Field(ge=1)] | None = 4096
+    max_window_layers: Annotated[int, Field(ge=0)] = 28
     layer_types: list[str] | None = None
 
 
-def _sliding_window_problems(cfg: _Qwen2Config) -> list[str]:
-    """The sliding-window fields of ``cfg`` that ask for windowed attention (not implemented)."""
-    problems = []
-    if cfg.use_sliding_window:
-        problems.append("use_sliding_window true is not supported (sliding-window attention is not implemented)")
-    windowed = sorted({t for t in cfg.layer_types or () if t != "full_attention"})
-    if windowed:
-        problems.append(f"layer_types {windowed} are not supported (only 'full_attention' is implemented)")
-    return problems
+_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def _window(cfg: _Qwen2Config) -> tuple[dict[str, Any], list[str]]:
+    """The ``llama.gqa`` window parameters of ``cfg``'s sliding-window fields (as ``Qwen2Config``
+    derives each layer's type), and the problems found."""
+    window = cfg.sliding_window if cfg.use_sliding_window else None
+    types = cfg.layer_types
+    if types is None:
+        types = ["sliding_attention" if window is not None and i >= cfg.max_window_layers else "full_attention"
+                 for i in range(cfg.num_hidden_layers)]
+    unknown = sorted({t for t in types if t not in _LAYER_TYPES})
+    if unknown:
+        return {}, [f"layer_types {unknown} are not supported (only {', '.join(map(repr, _LAYER_TYPES))})"]
+    if len(types) != cfg.num_hidden_layers:
+        return {}, [f"layer_types has {len(types)} entries for num_hidden_layers {cfg.num_hidden_layers}"]
+    pattern = [t == "sliding_attention" for t in types]
+    if not any(pattern):
+        return {}, []
+    if window is None:
+        field = "use_sliding_window false" if cfg.use_sliding_window is False else "sliding_window null"
+        return {}, [f"layer_types has 'sliding_attention' layers but {field} gives them no window"]
+    return {"sliding_window": window, "window_pattern": _shortest_period(pattern)}, []
+
+
+def _shortest_period(pattern: list[bool]) -> list[bool]:
+    """The shortest ``p`` with ``p[i % len(p)] == pattern[i]`` for every layer ``i``."""
+    return next(pattern[:n] for n in range(1, len(pattern) + 1)
+                if all(pattern[i] == pattern[i % n] for i in range(len(pattern))))
 
 
 def spec_from_config(config: Mapping[str, Any], name: str = "qwen2", source: str = "config.json") -> ModelSpec:
     """The modelkit spec of a Hugging Face ``Qwen2ForCausalLM`` ``config.json`` (see the module doc).
 
     Raises :class:`CheckpointError` naming ``source`` and the field for a config that is not a Qwen2
-    config object, has malformed fields, or asks for what the parts cannot compute (sliding window,
-    a ``rope_type`` other than ``default``, ``hidden_act`` other than ``silu``, another ``head_dim``).
+    config object, has malformed fields, or asks for what the parts cannot compute (sliding layers
+    without a window, a ``rope_type`` other than ``default``, ``hidden_act`` other than ``silu``, another ``head_dim``).
     """
     cfg = cast(_Qwen2Config, _read_config(config, source, "qwen2", "Qwen2", _Qwen2Config))
     positional, rope_problems = _rope(cfg, ("default",))
-    problems = _problems(cfg) + rope_problems + _sliding_window_problems(cfg)
+    window, window_problems = _window(cfg)
+    problems = _problems(cfg) + rope_problems + window_problems
     return _build_spec(cfg, name, source, "Qwen2", positional, problems, qkv_bias=True, out_bias=False,
-                       mlp_bias=False)
+                       mlp_bias=False, attention=window)
 
 
 def to_modelkit(sources: Mapping[str, Any], spec: ModelSpec) -> tuple[dict[str, Any], list[str]]:
@@ -98,15 +127,19 @@ def config_from_spec(spec: ModelSpec, dtype: torch.dtype = torch.float32) -> dic
     Raises :class:`CheckpointError` naming every part with no Qwen2 equivalent (other attention
     biases, a biased feed-forward, RoPE scaling, parts that are not the llama ones).
     """
-    problems = _part_problems(spec, "Qwen2", _qwen2_biases)
+    problems = _part_problems(spec, "Qwen2", _qwen2_biases, window=True, window_pattern=True)
     if spec.feedforward.type == "llama.swiglu" and spec.feedforward.params.get("bias"):
         problems.append("feedforward bias true (Qwen2's MLP has no biases)")
     if spec.positional.type == "llama.rope" and spec.positional.params.get("scaling", "none") != "none":
         problems.append(f"positional scaling '{spec.positional.params['scaling']}' (Qwen2 uses default RoPE)")
     _refuse(spec, "Qwen2", problems)
+    window = spec.attention.params.get("sliding_window")
+    pattern = spec.attention.params.get("window_pattern", [True])
+    sliding = [window is not None and pattern[i % len(pattern)] for i in range(spec.n_layers)]
     return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", **_hf_fields(spec, dtype),
-            "use_sliding_window": False, "sliding_window": None, "max_window_layers": spec.n_layers,
-            "layer_types": ["full_attention"] * spec.n_layers}
+            "use_sliding_window": any(sliding), "sliding_window": window if any(sliding) else None,
+            "max_window_layers": sliding.index(True) if any(sliding) else spec.n_layers,
+            "layer_types": [_LAYER_TYPES[s] for s in sliding]}
 
 
 def to_hf(model: GPTModel) -> dict[str, Tensor]:
