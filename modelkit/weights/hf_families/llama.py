@@ -163,10 +163,12 @@ def _read_config(config: Mapping[str, Any], source: str, model_type: str, label:
 
 def _build_spec(cfg: _LlamaConfig, name: str, source: str, label: str, positional: dict[str, Any],
                 problems: list[str], *, qkv_bias: bool, out_bias: bool, mlp_bias: bool,
-                attention: Mapping[str, Any] | None = None, block: str = "pre_norm") -> ModelSpec:
+                attention: Mapping[str, Any] | None = None, block: str = "pre_norm",
+                head_dim: int | None = None) -> ModelSpec:
     """The spec of llama parts for a validated config, or :class:`CheckpointError` listing ``problems``
     (naming ``source``) if there are any, or if the result is not a valid spec. ``attention`` holds
-    further ``llama.gqa`` parameters (a sliding window, q/k norms); ``block`` is the block type."""
+    further ``llama.gqa`` parameters (a sliding window, q/k norms); ``block`` is the block type;
+    ``head_dim`` the spec's, stated only when it is not ``hidden_size / num_attention_heads``."""
     if problems:
         raise CheckpointError(f"cannot build a modelkit spec from the {label} config {source}: " + "; ".join(problems))
     data = {
@@ -179,6 +181,8 @@ def _build_spec(cfg: _LlamaConfig, name: str, source: str, label: str, positiona
         "feedforward": {"type": "llama.swiglu", "hidden_dim": cfg.intermediate_size, "bias": mlp_bias},
         "block": block,
     }
+    if head_dim is not None and head_dim * cfg.num_attention_heads != cfg.hidden_size:
+        data["head_dim"] = head_dim
     try:
         return validate_spec(data, source)
     except SpecError as exc:
@@ -277,7 +281,7 @@ def _hf_fields(spec: ModelSpec, dtype: torch.dtype) -> dict[str, Any]:
         "vocab_size": spec.vocab_size, "max_position_embeddings": spec.context_length,
         "hidden_size": spec.emb_dim, "intermediate_size": hidden, "num_hidden_layers": spec.n_layers,
         "num_attention_heads": spec.n_heads, "num_key_value_heads": att.params.get("num_kv_heads") or spec.n_heads,
-        "head_dim": spec.emb_dim // spec.n_heads, "hidden_act": "silu",
+        "head_dim": spec.dims.head_dim, "hidden_act": "silu",
         "rms_norm_eps": norm.params.get("eps", 1e-5), "tie_word_embeddings": spec.tie_embeddings,
         "attention_dropout": spec.drop_rate, "rope_parameters": rope,
         "initializer_range": 0.02, "use_cache": True, "dtype": str(dtype).removeprefix("torch."),
