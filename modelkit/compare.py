@@ -5,12 +5,12 @@ table. Everything goes through the registry, so plugin components compare like b
 
 FLOPs per token (forward pass), analytic::
 
-    F = 2 · N_matmul + 4 · n_layers · n_ctx · emb_dim
+    F = 2 · N_matmul + 4 · n_layers · n_ctx · d_attn
 
 ``N_matmul`` is the number of weights in every ``nn.Linear`` of the model, the output head included
-(tied or not): each weight is one multiply and one add per token. ``4 · n_layers · n_ctx · emb_dim``
-is attention at full context: ``q·kᵀ`` and the weighted sum of ``v``, ``2 · n_ctx · emb_dim`` each per
-layer. This is Kaplan et al. 2020 (Table 1: ``C_forward ≈ 2N + 2 n_layer n_ctx d_attn``) with two
+(tied or not): each weight is one multiply and one add per token. ``4 · n_layers · n_ctx · d_attn``
+is attention at full context: ``q·kᵀ`` and the weighted sum of ``v``, ``2 · n_ctx · d_attn`` each per
+layer, where ``d_attn = n_heads · head_dim`` (``emb_dim`` unless the spec gives ``head_dim``). This is Kaplan et al. 2020 (Table 1: ``C_forward ≈ 2N + 2 n_layer n_ctx d_attn``) with two
 differences, as in Hoffmann et al. 2022 (Chinchilla, appendix F): the output head is counted (it
 dominates small models) and both attention matmuls are counted. Not counted: embeddings lookups,
 biases, norms, activations, softmax. No causal discount (every token is charged the full context).
@@ -150,7 +150,7 @@ def flops_per_token(spec: ModelSpec, model: nn.Module | None = None, n_ctx: int 
     """Forward FLOPs per token at context ``n_ctx`` (default the spec's): see the module docstring."""
     model = model if model is not None else build_model(spec, device="meta")
     n_ctx = n_ctx or spec.context_length
-    return 2 * matmul_weights(model) + 4 * spec.n_layers * n_ctx * spec.emb_dim
+    return 2 * matmul_weights(model) + 4 * spec.n_layers * n_ctx * spec.dims.attention_dim
 
 
 # -- measurements ---------------------------------------------------------------------------------
