@@ -18,6 +18,19 @@ A training step costs about 3 F per token (forward + backward).
 
 Speed (forward and KV-cache decode tokens/s) is timed after :func:`~modelkit.runtime.optimize_for_inference`,
 the way ``modelkit generate`` runs a model; gradient norms are taken on the model as built, before.
+
+Overrides shrink or change every spec alike: a top-level field (``n_layers=2``) or a slot
+(``block=post_norm``) applies to every spec; a component parameter (``attention.num_kv_heads=2``,
+``feedforward.activation=relu``, ``positional.theta=10000``) applies to each spec whose part declares
+that parameter and is reported as not applied to the others (GPT-2's ``mha`` has no ``num_kv_heads``,
+Llama's ``llama.swiglu`` no ``activation``); one that no spec's part declares is an error.
+
+Specs of different vocabularies: every figure is each model's own (the embedding and head grow with
+the vocabulary), so the report adds the parameters without embeddings (token and position tables)
+and without an untied head, the figure that compares architectures (Kaplan et al.'s N). Trained or
+gradient-norm variants all read the same GPT-2 tokens of the same text (one stream of targets, so
+the losses are nats per GPT-2 token for all); a spec whose vocabulary cannot hold those tokens is
+refused before anything trains.
 """
 
 from __future__ import annotations
@@ -40,7 +53,8 @@ from .builder import build_model
 from .components.base import FeedForward
 from .errors import ModelkitError
 from .introspect import count_parameters
-from .spec import ModelSpec, load_spec
+from .registry import get_registry
+from .spec import SLOT_DEFAULTS, ComponentSpec, ModelSpec, load_spec
 from .runtime.optimize import optimize_for_inference
 
 
@@ -56,6 +70,7 @@ class VariantReport:
     source: str
     parameters: int
     parameters_without_head: int
+    parameters_without_embeddings: int
     memory_fp32_mb: float
     memory_bf16_mb: float
     flops_per_token: int
@@ -64,6 +79,8 @@ class VariantReport:
     final_train_loss: float | None = None
     final_val_loss: float | None = None
     grad_norms: list[float] | None = None
+    overrides_not_applied: list[str] = field(default_factory=list)
+    spec: dict[str, Any] = field(default_factory=dict)
     metrics: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
     @property
@@ -127,19 +144,79 @@ def apply_overrides(spec: ModelSpec, overrides: Mapping[str, Any]) -> ModelSpec:
     """
     data = spec.to_dict()
     for key, value in overrides.items():
-        parts = key.split(".")
-        target: Any = data
-        for i, part in enumerate(parts[:-1]):
-            if isinstance(target.get(part), str):
-                target[part] = {"type": target[part]}
-            if not isinstance(target.get(part), dict):
-                raise CompareError(f"override '{key}': '{'.'.join(parts[:i + 1])}' is not a component")
-            target = target[part]
-        target[parts[-1]] = value
+        _set(data, key, value)
     return load_spec(data)
 
 
+def _set(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set the dotted ``key`` of spec data to ``value`` (a slot named by a string becomes ``{"type": ...}``)."""
+    parts = key.split(".")
+    target: Any = data
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(target.get(part), str):
+            target[part] = {"type": target[part]}
+        if not isinstance(target.get(part), dict):
+            raise CompareError(f"override '{key}': '{'.'.join(parts[:i + 1])}' is not a component")
+        target = target[part]
+    target[parts[-1]] = value
+
+
+def declares(data: Mapping[str, Any], key: str) -> bool:
+    """Whether the spec ``data`` has what the override ``key`` names: always for a top-level field or a
+    slot (validation refuses an unknown one); for ``slot.param`` (or ``slot.sub.param``, through a
+    nested component such as the feed-forward's activation) whether that component declares it."""
+    parts = key.split(".")
+    if parts[0] not in SLOT_DEFAULTS:
+        return True
+    ref, kind = data.get(parts[0]), parts[0]
+    for i, part in enumerate(parts[1:], start=1):
+        name = ref if isinstance(ref, str) else ref.get("type") if isinstance(ref, Mapping) else None
+        try:
+            entry = get_registry(kind).get(name) if isinstance(name, str) else None
+        except ModelkitError:  # an unknown part: load_spec names it
+            entry = None
+        if entry is None:
+            return True
+        if part not in entry.params_model.model_fields:
+            return False
+        if i == len(parts) - 1 or part not in entry.sub_components:
+            return True
+        kind, ref = entry.sub_components[part], ref.get(part) if isinstance(ref, Mapping) else None
+    return True
+
+
+def apply_overrides_where_declared(specs: Sequence[ModelSpec], overrides: Mapping[str, Any],
+                                   labels: Sequence[str]) -> tuple[list[ModelSpec], list[list[str]]]:
+    """Each spec with the overrides it declares (see :func:`declares`; in order, validated once at the
+    end), and for each the override keys it does not. Raises :class:`CompareError` for an override
+    that no spec declares."""
+    changed, skipped = [], []
+    for spec in specs:
+        data, not_applied = spec.to_dict(), []
+        for key, value in overrides.items():
+            if declares(data, key):
+                _set(data, key, value)
+            else:
+                not_applied.append(key)
+        changed.append(load_spec(data))
+        skipped.append(not_applied)
+    for key in overrides:
+        if all(key in keys for keys in skipped):
+            slot = key.split(".")[0]
+            parts = ", ".join(f"{label} has {slot} '{getattr(spec, slot).type}'" for label, spec in zip(labels, specs))
+            raise CompareError(f"override '{key}': no spec's part declares it ({parts}); "
+                               "`modelkit components` lists each part's parameters")
+    return changed, skipped
+
+
 # -- analytic figures -----------------------------------------------------------------------------
+
+def parameters_without_embeddings(model: nn.Module) -> int:
+    """Parameters less the token and position tables and an untied output head (Kaplan's N)."""
+    tables = [getattr(model, name, None) for name in ("tok_emb", "pos_emb")]
+    count = count_parameters(model)
+    return count.without_head - sum(p.numel() for t in tables if t is not None for p in t.parameters())
+
 
 def matmul_weights(model: nn.Module) -> int:
     """Weights of every ``nn.Linear`` (a tied head counts: its matmul still runs)."""
@@ -259,6 +336,20 @@ def grad_norm_batch(spec: ModelSpec, batch: int, seq_len: int, seed: int, text: 
 
 # -- the comparison -------------------------------------------------------------------------------
 
+def check_vocabularies_hold(text: str, specs: Sequence[ModelSpec], labels: Sequence[str]) -> None:
+    """Raise :class:`CompareError` naming each spec whose vocabulary cannot hold the GPT-2 tokens of
+    ``text`` (what training and text gradient norms feed every variant)."""
+    from .training.dataset import tokenize
+
+    ids = tokenize(text)
+    top = int(ids.max()) if len(ids) else -1
+    small = [f"{label} (vocab_size {spec.vocab_size})" for label, spec in zip(labels, specs) if spec.vocab_size <= top]
+    if small:
+        raise CompareError(f"the text's GPT-2 tokens go up to id {top}, outside the vocabulary of "
+                           f"{', '.join(small)}: every variant trains on the same tokens, so each vocab_size "
+                           f"must be at least {top + 1}")
+
+
 def _labels(specs: Sequence[ModelSpec]) -> list[str]:
     labels, seen = [], {}
     for spec in specs:
@@ -273,8 +364,9 @@ def compare(specs: Sequence[ModelSpec | Mapping[str, Any] | str], options: Compa
             progress: bool = True) -> list[VariantReport]:
     """Figures for every spec (in order); see :class:`VariantReport` and :class:`CompareOptions`.
 
-    Every variant is built after ``torch.manual_seed(options.seed)``; training uses the same seed,
-    data and settings for all. Loss curves and the grad-norm plot go to ``options.out_dir`` if given.
+    ``overrides`` apply as the module docstring says (a component parameter only where the part
+    declares it: :attr:`VariantReport.overrides_not_applied` lists the others). Every variant is built
+    after ``torch.manual_seed(options.seed)``; training uses the same seed, data and settings for all. Loss curves and the grad-norm plot go to ``options.out_dir`` if given.
     """
     from .devices import resolve_device
     from .training import TrainConfig, train
@@ -283,17 +375,20 @@ def compare(specs: Sequence[ModelSpec | Mapping[str, Any] | str], options: Compa
     if not specs:
         raise CompareError("give at least one spec to compare")
     resolved = [load_spec(s) for s in specs]
-    if overrides:
-        resolved = [apply_overrides(s, overrides) for s in resolved]
     labels = _labels(resolved)
+    resolved, not_applied = apply_overrides_where_declared(resolved, overrides or {}, labels)
+    if options.train_text is not None and (options.train_steps or options.grad_norms):
+        check_vocabularies_hold(options.train_text, resolved, labels)
     sources = list(sources) if sources is not None else [str(s) if isinstance(s, str) else "<spec>" for s in specs]
     device = resolve_device(options.device)
     reports = []
-    for label, spec, source in zip(labels, resolved, sources):
+    for label, spec, source, skipped in zip(labels, resolved, sources, not_applied):
         meta = build_model(spec, device="meta")
         count = count_parameters(meta)
         report = VariantReport(
             name=label, source=source, parameters=count.total, parameters_without_head=count.without_head,
+            parameters_without_embeddings=parameters_without_embeddings(meta),
+            overrides_not_applied=skipped, spec=spec.to_dict(),
             memory_fp32_mb=round(count.megabytes(torch.float32), 2),
             memory_bf16_mb=round(count.megabytes(torch.bfloat16), 2),
             flops_per_token=flops_per_token(spec, meta),

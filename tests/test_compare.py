@@ -17,7 +17,9 @@ from modelkit.compare import (
     CompareError,
     CompareOptions,
     apply_overrides,
+    apply_overrides_where_declared,
     compare,
+    declares,
     ffn_grad_norms,
     flops_per_token,
     parse_override,
@@ -178,3 +180,81 @@ def test_cli_needs_data_to_train(tmp_path, capsys):
     a.write_text(json.dumps(tiny_model_spec()))
     assert main(["compare", str(a), "--train-steps", "2"]) == 2
     assert "--train-steps needs --data" in capsys.readouterr().err
+
+
+# -- specs of different families, shrunk with --override (issue 18) --------------------------------
+
+SHRINK = ["n_layers=2", "emb_dim=64", "n_heads=4", "vocab_size=300", "context_length=64",
+          "attention.num_kv_heads=2", "feedforward.hidden_dim=128"]
+FAMILY_SPECS = [  # one line a family: (spec file, the SHRINK overrides its parts do not declare)
+    ("configs/gpt2-small.json", ["attention.num_kv_heads"]),
+    ("configs/pretrained/llama-3.2-1b.json", []),
+]
+
+
+def test_compare_runs_across_families_shrunk_with_overrides(capsys):
+    pytest.importorskip("modelkit_llama")
+    files = [f for f, _ in FAMILY_SPECS]
+    assert main(["compare", *files, "--override", *SHRINK, "--repeats", "1", "--seq-len", "16",
+                 "--decode-tokens", "4", "--grad-norms", "--grad-batch", "2", "--no-plot", "--json"]) == 0
+    variants = json.loads(capsys.readouterr().out)["variants"]
+    assert [v["source"] for v in variants] == files
+    for v, (_, skipped) in zip(variants, FAMILY_SPECS):
+        spec = load_spec(v["spec"])
+        assert (spec.n_layers, spec.emb_dim, spec.n_heads, spec.vocab_size, spec.context_length) == (2, 64, 4, 300, 64)
+        assert v["overrides_not_applied"] == skipped
+        assert v["parameters"] == sum(p.numel() for p in build_model(spec, device="meta").parameters())
+        assert v["forward_tokens_per_s"] > 0 and v["decode_tokens_per_s"] > 0 and len(v["grad_norms"]) == 2
+
+
+def test_shrunk_gpt2_and_llama_counted_by_hand():
+    pytest.importorskip("modelkit_llama")
+    gpt2, llama = compare([f for f, _ in FAMILY_SPECS[:2]], CompareOptions(speed=False),
+                          overrides=dict(parse_override(o) for o in SHRINK))
+    e, v, c, h, kv = 64, 300, 64, 128, 32  # kv: 2 KV heads of 16
+    gpt2_layer = 3 * e * e + (e * e + e) + (e * h + h) + (h * e + e) + 2 * 2 * e  # q k v, out, mlp, 2 LayerNorms
+    llama_layer = 2 * e * e + 2 * e * kv + 3 * e * h + 2 * e  # q o, k v, SwiGLU, 2 RMSNorms
+    assert gpt2.parameters == v * e + c * e + 2 * gpt2_layer + 2 * e + e * v  # untied head
+    assert llama.parameters == v * e + 2 * llama_layer + e  # RoPE: no table; tied head
+    assert gpt2.parameters_without_embeddings == 2 * gpt2_layer + 2 * e
+    assert llama.parameters_without_embeddings == 2 * llama_layer + e
+    assert llama.spec["attention"]["num_kv_heads"] == 2 and llama.spec["feedforward"]["hidden_dim"] == h
+    assert gpt2.spec["feedforward"]["hidden_dim"] == h and gpt2.overrides_not_applied == ["attention.num_kv_heads"]
+
+
+def test_a_part_parameter_applies_where_the_part_declares_it():
+    pytest.importorskip("modelkit_llama")
+    gpt2, llama = load_spec("configs/gpt2-small.json"), load_spec("configs/pretrained/llama-3.2-1b.json")
+    for key, by_gpt2, by_llama in [("attention.num_kv_heads", False, True), ("feedforward.activation", True, False),
+                                   ("positional.theta", False, True), ("norm.eps", True, True),
+                                   ("n_layers", True, True), ("block", True, True)]:
+        assert (declares(gpt2.to_dict(), key), declares(llama.to_dict(), key)) == (by_gpt2, by_llama), key
+    assert declares({**gpt2.to_dict(), "attention": "llama.gqa"}, "attention.num_kv_heads")  # after a slot override
+    (changed,), (skipped,) = apply_overrides_where_declared([gpt2], {"attention": "llama.gqa",
+                                                                      "attention.num_kv_heads": 4}, ["gpt2"])
+    assert changed.attention.type == "llama.gqa" and changed.attention.params["num_kv_heads"] == 4 and not skipped
+
+
+def test_an_override_no_spec_declares_is_refused():
+    with pytest.raises(CompareError, match=r"override 'attention.num_kv_head': no spec's part declares it "
+                                           r"\(a has attention 'mha'\)"):
+        compare([tiny_model_spec(name="a")], CompareOptions(speed=False), overrides={"attention.num_kv_head": 2})
+    with pytest.raises(SpecError, match="n_layrs"):  # top-level fields are every spec's: validated
+        compare([tiny_model_spec(name="a")], CompareOptions(speed=False), overrides={"n_layrs": 2})
+
+
+def test_different_vocabularies_train_on_the_same_tokens_or_are_refused(tmp_path, capsys):
+    small, big = tmp_path / "small.json", tmp_path / "big.json"
+    small.write_text(json.dumps(tiny_model_spec(name="small", vocab_size=300)))
+    big.write_text(json.dumps(tiny_model_spec(name="big", vocab_size=50304)))
+    data = tmp_path / "text.txt"
+    data.write_text(synthetic_text(40))
+    assert main(["compare", str(big), str(small), "--train-steps", "1", "--data", str(data), "--no-speed"]) == 2
+    assert "outside the vocabulary of small (vocab_size 300)" in capsys.readouterr().err
+    assert main(["compare", str(big), str(small), "--no-speed"]) == 0
+    out = capsys.readouterr().out
+    assert "vocabularies differ (big 50,304, small 300)" in out
+    reports = compare([tiny_model_spec(name="big", vocab_size=50304), tiny_model_spec(name="gpt2", vocab_size=50257)],
+                      CompareOptions(speed=False))
+    assert reports[0].parameters != reports[1].parameters
+    assert reports[0].parameters_without_embeddings == reports[1].parameters_without_embeddings

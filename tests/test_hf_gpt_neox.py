@@ -2,9 +2,10 @@
 
 Tiny randomly initialised ``transformers.GPTNeoXForCausalLM``s (rotary_pct 0.25, every parameter
 perturbed, so biases are nonzero and norm weights are not ones) are saved with ``save_pretrained``
-and loaded with :func:`modelkit.weights.hf_families.load_hf` / ``modelkit import-hf``; exported back
-with ``export-hf`` and opened with ``AutoModelForCausalLM.from_pretrained``. No downloads. Also unit
-tests of the two parameters GPT-NeoX needs: ``parallel``'s ``shared_norm`` and ``llama.rope``'s
+and checked with the shared checks of ``tests/hf_parity.py`` (logits, greedy tokens, cache,
+``import-hf`` / ``export-hf``, the runtime); the rest are GPT-NeoX's own: the fused ``query_key_value``,
+old config fields and buffers, refusals, the Pythia-160M spec. No downloads. Also unit tests of the
+two parameters GPT-NeoX needs: ``parallel``'s ``shared_norm`` and ``llama.rope``'s
 ``rotary_fraction``. Run with ``pytest -s`` to see the max abs logit differences.
 """
 
@@ -17,14 +18,14 @@ from typing import Any
 import pytest
 import torch
 
+from hf_parity import CONFIGS, TOL, FamilyParity, check_config_refused, check_meta_count, check_tensor_refused, \
+    hf_logits, perturbed, save_tiny
 from modelkit import CheckpointError, build_model, load_spec
 from modelkit.cli import main as cli_main
 from modelkit.components.base import ModelDims
 from modelkit.components.block import ParallelBlock
-from modelkit.generation import generate
 from modelkit.introspect import count_parameters
 from modelkit.runtime import step_of
-from modelkit.weights.checkpoint import load_checkpoint
 from modelkit.weights.hf_families import export_family_of, export_hf, load_hf
 from modelkit.weights.hf_families.gpt_neox import join_qkv, spec_from_config, split_qkv
 
@@ -32,8 +33,6 @@ transformers = pytest.importorskip("transformers")
 modelkit_llama = pytest.importorskip("modelkit_llama")
 from modelkit_llama.positional import RoPE, rotate_half  # noqa: E402
 
-CONFIGS = Path(__file__).parent.parent / "configs" / "pretrained"
-TOL = 1e-4
 BASE: dict[str, Any] = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                             num_attention_heads=4, max_position_embeddings=64, rotary_pct=0.25,
                             attention_dropout=0.0, hidden_dropout=0.0, tie_word_embeddings=False)
@@ -42,30 +41,17 @@ BASE: dict[str, Any] = dict(vocab_size=300, hidden_size=64, intermediate_size=12
 def make_hf(seed: int = 0, **kw: Any) -> Any:
     """A perturbed random ``GPTNeoXForCausalLM`` (eval mode, float32)."""
     torch.manual_seed(seed)
-    model = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**{**BASE, **kw})).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    return model
-
-
-def hf_logits(hf: Any, x: torch.Tensor) -> torch.Tensor:
-    """transformers' logits for an unpadded batch (an all-ones attention mask: positions 0..n-1)."""
-    with torch.no_grad():
-        return hf(x, attention_mask=torch.ones_like(x)).logits
+    return perturbed(transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**{**BASE, **kw})), seed)
 
 
 @pytest.fixture(scope="module")
-def hf_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
+def hf_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Any, Path]:
     hf = make_hf()
-    folder = tmp_path_factory.mktemp("gpt-neox")
-    hf.save_pretrained(folder)
-    return hf, folder
+    return "rotary 0.25", hf, save_tiny(hf, tmp_path_factory.mktemp("gpt-neox"))
 
 
-def test_spec_is_registered_parts(hf_folder: tuple[Any, Path]) -> None:
-    hf, folder = hf_folder
+def test_spec_is_registered_parts(hf_folder: tuple[str, Any, Path]) -> None:
+    _, hf, folder = hf_folder
     spec = load_hf(folder).spec
     assert spec.positional.type == "llama.rope" and spec.positional.params["rotary_fraction"] == 0.25
     assert spec.block.type == "parallel" and spec.block.params == {"shared_norm": False}
@@ -73,21 +59,17 @@ def test_spec_is_registered_parts(hf_folder: tuple[Any, Path]) -> None:
     assert not spec.tie_embeddings and spec.qkv_bias
 
 
-def test_logits_match_transformers(hf_folder: tuple[Any, Path]) -> None:
-    hf, folder = hf_folder
-    model = load_hf(folder)
-    x = torch.randint(0, hf.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
-    ref = hf_logits(hf, x)
-    with torch.no_grad():
-        ours = model(x)
-    diff = (ours - ref).abs().max().item()
-    print(f"\n[gpt_neox parity] max |logit diff| {diff:.2e}")
-    assert ref.abs().max() > 0.1  # a real signal, not zeros
-    assert diff < TOL
+class TestParity(FamilyParity):
+    architecture = "GPTNeoXForCausalLM"
+
+    def check_export(self, back: Any, hf: Any) -> None:
+        assert back.config.rope_parameters["partial_rotary_factor"] == 0.25
+        for name, tensor in hf.state_dict().items():
+            assert torch.equal(back.state_dict()[name], tensor), name
 
 
-def test_qkv_split_is_exact_and_joins_back(hf_folder: tuple[Any, Path]) -> None:
-    hf, folder = hf_folder
+def test_qkv_split_is_exact_and_joins_back(hf_folder: tuple[str, Any, Path]) -> None:
+    _, hf, folder = hf_folder
     model = load_hf(folder)
     att = hf.gpt_neox.layers[1].attention.query_key_value
     ours = model.trf_blocks[1].att
@@ -101,9 +83,9 @@ def test_qkv_split_is_exact_and_joins_back(hf_folder: tuple[Any, Path]) -> None:
         assert torch.equal(join_qkv(*parts, 4), fused)
 
 
-def test_the_rotary_fraction_and_second_norm_matter(hf_folder: tuple[Any, Path]) -> None:
+def test_the_rotary_fraction_and_second_norm_matter(hf_folder: tuple[str, Any, Path]) -> None:
     """Full rotation, or the feed-forward reading norm1, changes the logits: parity covers both."""
-    hf, folder = hf_folder
+    _, hf, folder = hf_folder
     x = torch.randint(0, hf.config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(4))
     ref = hf_logits(hf, x)
     model = load_hf(folder)
@@ -117,60 +99,10 @@ def test_the_rotary_fraction_and_second_norm_matter(hf_folder: tuple[Any, Path])
         assert (model(x) - ref).abs().max().item() > 1e-2
 
 
-def test_greedy_generation_and_cache_match_transformers(hf_folder: tuple[Any, Path]) -> None:
-    hf, folder = hf_folder
-    model = load_hf(folder)
-    x = torch.randint(3, hf.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ref = hf.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=30,
-                          min_new_tokens=30, pad_token_id=0)
-    cached = generate(model, x, max_new_tokens=30)
-    uncached = generate(model, x, max_new_tokens=30, use_cache=False)
-    assert ref.shape == (2, 7 + 30)
-    print(f"\n[gpt_neox parity] greedy: 30 new tokens identical: {torch.equal(cached, ref)}")
-    assert torch.equal(cached, ref)
-    assert torch.equal(uncached, ref)
-
-
-def test_kv_cache_logits_equal_no_cache(hf_folder: tuple[Any, Path]) -> None:
-    hf, folder = hf_folder
-    model = load_hf(folder)
-    x = torch.randint(0, hf.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        full = model(x)
-        cache = model.new_cache()
-        steps = [model(x[:, :5], cache=cache)] + [model(x[:, i:i + 1], cache=cache) for i in range(5, 12)]
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-5)
-
-
-def test_import_hf_cli_then_export_hf_roundtrip(hf_folder: tuple[Any, Path], tmp_path: Path,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
-    hf, folder = hf_folder
-    ckpt = tmp_path / "neox.safetensors"
-    assert cli_main(["import-hf", str(folder), str(ckpt)]) == 0
-    assert "wrote" in capsys.readouterr().out
-    model = load_checkpoint(ckpt)
-    x = torch.randint(0, hf.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(3))
-    ref = hf_logits(hf, x)
-    with torch.no_grad():
-        assert (model(x) - ref).abs().max().item() < TOL
-    out = tmp_path / "exported"
-    assert cli_main(["export-hf", str(ckpt), str(out)]) == 0
-    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
-    assert type(back).__name__ == "GPTNeoXForCausalLM"
-    assert back.config.rope_parameters["partial_rotary_factor"] == 0.25
-    assert not back.config.tie_word_embeddings
-    for name, tensor in hf.state_dict().items():
-        assert torch.equal(back.state_dict()[name], tensor), name
-    diff = (hf_logits(back, x) - ref).abs().max().item()
-    print(f"\n[gpt_neox parity] export: max |logit diff| {diff:.2e}")
-    assert diff < TOL
-
-
-def test_old_config_fields_and_buffers_are_read(hf_folder: tuple[Any, Path], tmp_path: Path) -> None:
+def test_old_config_fields_and_buffers_are_read(hf_folder: tuple[str, Any, Path], tmp_path: Path) -> None:
     """A transformers 4 style config (``rotary_pct``, ``rotary_emb_base``) and the non-persistent
     buffers old files hold (``attention.bias``, ``masked_bias``, ``rotary_emb.inv_freq``) load."""
-    hf, folder = hf_folder
+    _, hf, folder = hf_folder
     sd = dict(hf.state_dict())
     sd["gpt_neox.layers.0.attention.bias"] = torch.ones(1, 1, 64, 64, dtype=torch.bool)
     sd["gpt_neox.layers.0.attention.masked_bias"] = torch.tensor(-1e9)
@@ -239,27 +171,14 @@ def test_export_refuses_a_shared_norm(tmp_path: Path) -> None:
     ({"use_parallel_residual": "yes"}, "use_parallel_residual"),
     ({"intermediate_size": 0}, "intermediate_size"),
 ])
-def test_unsupported_or_malformed_configs_are_refused(hf_folder: tuple[Any, Path], tmp_path: Path,
+def test_unsupported_or_malformed_configs_are_refused(hf_folder: tuple[str, Any, Path], tmp_path: Path,
                                                       change: dict[str, Any], field: str) -> None:
-    hf, _ = hf_folder
-    hf.save_pretrained(tmp_path)
-    config = json.loads((tmp_path / "config.json").read_text())
-    config.update(change)
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError) as info:
-        load_hf(tmp_path)
-    assert field in str(info.value)
-    assert "config.json" in str(info.value)
+    check_config_refused(hf_folder[1], tmp_path, change, field)
 
 
 @pytest.mark.parametrize("extra", ["gpt_neox.emb_dropout.weight", "gpt_neox.layers.0.mlp.fc3.bias", "embed_out.bias"])
-def test_unknown_tensor_is_refused(hf_folder: tuple[Any, Path], tmp_path: Path, extra: str) -> None:
-    hf, _ = hf_folder
-    sd = dict(hf.state_dict())
-    sd[extra] = torch.ones(64)
-    hf.save_pretrained(tmp_path, state_dict=sd)
-    with pytest.raises(CheckpointError, match=rf"not part of GPT-NeoX \(1\): {extra}"):
-        load_hf(tmp_path)
+def test_unknown_tensor_is_refused(hf_folder: tuple[str, Any, Path], tmp_path: Path, extra: str) -> None:
+    check_tensor_refused(hf_folder[1], tmp_path, extra, "GPT-NeoX")
 
 
 # -- the parameters: parallel shared_norm, llama.rope rotary_fraction -------------------------------
@@ -358,9 +277,7 @@ def test_pythia_160m_spec_matches_its_hf_config() -> None:
 
 def test_pythia_160m_spec_counts_what_transformers_counts() -> None:
     config = transformers.GPTNeoXConfig(**{k: v for k, v in PYTHIA_160M.items() if k != "model_type"})
-    with torch.device("meta"):
-        ref = transformers.GPTNeoXForCausalLM(config)
-    assert sum(p.numel() for p in ref.parameters()) == 162_322_944
+    check_meta_count("pythia-160m.json", transformers.GPTNeoXForCausalLM, config, 162_322_944)
 
 
 def test_info_reports_the_pythia_160m_total(capsys: pytest.CaptureFixture[str]) -> None:

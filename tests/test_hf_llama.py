@@ -1,10 +1,10 @@
 """Llama parity with Hugging Face transformers: ``LlamaForCausalLM`` folders imported and exported.
 
 Tiny randomly initialised ``transformers.LlamaForCausalLM``s (every parameter perturbed, so norm
-weights are not ones and a swapped key would show) are saved with ``save_pretrained`` and loaded with
-:func:`modelkit.weights.hf.load_hf` / ``modelkit import-hf``; modelkit models are exported with
-``export-hf`` and opened with ``AutoModelForCausalLM.from_pretrained``. No downloads.
-Run with ``pytest -s`` to see the max abs logit differences.
+weights are not ones and a swapped key would show) are saved with ``save_pretrained`` and checked
+with the shared checks of ``tests/hf_parity.py`` (logits, greedy tokens, cache, ``import-hf`` /
+``export-hf``, the runtime); the rest are Llama's own: RoPE fields and llama3 scaling, refusals,
+the Llama-3.2-1B spec. No downloads. Run with ``pytest -s`` to see the max abs logit differences.
 """
 
 from __future__ import annotations
@@ -17,18 +17,15 @@ import pytest
 import torch
 from torch import nn
 
+from hf_parity import CONFIGS, TOL, FamilyParity, check_config_refused, check_meta_count, check_tensor_refused, \
+    perturbed, save_tiny
 from modelkit import CheckpointError, SpecError, build_model, load_spec
-from modelkit.cli import main as cli_main
-from modelkit.generation import generate
 from modelkit.introspect import count_parameters
-from modelkit.weights.checkpoint import load_checkpoint
 from modelkit.weights.hf_families import export_hf, load_hf
 from modelkit.weights.hf_families.llama import spec_from_config
 
 transformers = pytest.importorskip("transformers")
 
-CONFIGS = Path(__file__).parent.parent / "configs" / "pretrained"
-TOL = 1e-4
 BASE: dict[str, Any] = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
 LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
@@ -46,24 +43,13 @@ def make_hf(kw: dict[str, Any], seed: int = 0) -> Any:
     """A perturbed random ``LlamaForCausalLM`` (eval mode, eager attention, float32)."""
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(**BASE, **kw, bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    model = transformers.LlamaForCausalLM(config).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    return model
-
-
-def prompts(vocab: int) -> torch.Tensor:
-    return torch.randint(0, vocab, (2, 7), generator=torch.Generator().manual_seed(1))
+    return perturbed(transformers.LlamaForCausalLM(config), seed)
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def hf_folder(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Any, Path]:
     hf = make_hf(VARIANTS[request.param])
-    folder = tmp_path_factory.mktemp(f"llama-{request.param}")
-    hf.save_pretrained(folder)
-    return request.param, hf, folder
+    return request.param, hf, save_tiny(hf, tmp_path_factory.mktemp(f"llama-{request.param}"))
 
 
 def test_saved_folder_is_what_we_expect(hf_folder: tuple[str, Any, Path]) -> None:
@@ -76,66 +62,14 @@ def test_saved_folder_is_what_we_expect(hf_folder: tuple[str, Any, Path]) -> Non
         assert ("lm_head.weight" in f.keys()) == (not hf.config.tie_word_embeddings)
 
 
-def test_logits_match_transformers(hf_folder: tuple[str, Any, Path]) -> None:
-    name, hf, folder = hf_folder
-    model = load_hf(folder)
+class TestParity(FamilyParity):
+    architecture = "LlamaForCausalLM"
+
+
+def test_spec_is_registered_parts(hf_folder: tuple[str, Any, Path]) -> None:
+    model = load_hf(hf_folder[2])
     book = load_spec(Path(__file__).parent.parent / "configs" / "tiny.json")
     assert model.spec.model_dump().keys() == book.model_dump().keys()  # registered parts, never a family flag
-    x = torch.randint(0, hf.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        ref = hf(x).logits
-        ours = model(x)
-    diff = (ours - ref).abs().max().item()
-    print(f"\n[llama parity] {name}: max |logit diff| {diff:.2e}")
-    assert ref.abs().max() > 0.1  # a real signal, not zeros
-    assert diff < TOL
-
-
-def test_greedy_generation_and_cache_match_transformers(hf_folder: tuple[str, Any, Path]) -> None:
-    name, hf, folder = hf_folder
-    model = load_hf(folder)
-    x = prompts(hf.config.vocab_size)
-    with torch.no_grad():
-        ref = hf.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=30, pad_token_id=0)
-    cached = generate(model, x, max_new_tokens=30)
-    uncached = generate(model, x, max_new_tokens=30, use_cache=False)
-    assert ref.shape == (2, 7 + 30)
-    print(f"\n[llama parity] greedy {name}: 30 new tokens identical: {torch.equal(cached, ref)}")
-    assert torch.equal(cached, ref)
-    assert torch.equal(uncached, ref)
-
-
-def test_kv_cache_logits_equal_no_cache(hf_folder: tuple[str, Any, Path]) -> None:
-    name, hf, folder = hf_folder
-    model = load_hf(folder)
-    x = torch.randint(0, hf.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        full = model(x)
-        cache = model.new_cache()
-        steps = [model(x[:, :5], cache=cache)] + [model(x[:, i:i + 1], cache=cache) for i in range(5, 12)]
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-5)
-
-
-def test_import_hf_cli_then_export_hf_roundtrip(hf_folder: tuple[str, Any, Path], tmp_path: Path,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
-    name, hf, folder = hf_folder
-    ckpt = tmp_path / "llama.safetensors"
-    assert cli_main(["import-hf", str(folder), str(ckpt)]) == 0
-    assert "wrote" in capsys.readouterr().out
-    model = load_checkpoint(ckpt)
-    x = torch.randint(0, hf.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        ref = hf(x).logits
-        assert (model(x) - ref).abs().max().item() < TOL
-    out = tmp_path / "exported"
-    assert cli_main(["export-hf", str(ckpt), str(out)]) == 0
-    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
-    assert type(back).__name__ == "LlamaForCausalLM"
-    assert back.config.tie_word_embeddings == hf.config.tie_word_embeddings
-    with torch.no_grad():
-        diff = (back(x).logits - ref).abs().max().item()
-    print(f"\n[llama parity] export {name}: max |logit diff| {diff:.2e}")
-    assert diff < TOL
 
 
 def test_export_api_of_a_built_llama_spec(tmp_path: Path) -> None:
@@ -172,26 +106,17 @@ def test_old_and_new_rope_fields_give_the_same_spec() -> None:
     ({"vocab_size": "300"}, "vocab_size"),
 ])
 def test_unsupported_or_malformed_configs_are_refused(tmp_path: Path, change: dict[str, Any], field: str) -> None:
-    hf = make_hf(VARIANTS["untied"])
-    hf.save_pretrained(tmp_path)
-    config = json.loads((tmp_path / "config.json").read_text())
-    if "rope_scaling" in change:  # the older form: top-level rope_theta and rope_scaling
-        config["rope_theta"] = config.pop("rope_parameters")["rope_theta"]
-    config.update(change)
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError) as info:
-        load_hf(tmp_path)
-    assert field in str(info.value)
-    assert "config.json" in str(info.value)
+    def edit(config: dict[str, Any]) -> None:
+        if "rope_scaling" in change:  # the older form: top-level rope_theta and rope_scaling
+            config["rope_theta"] = config.pop("rope_parameters")["rope_theta"]
+        config.update(change)
+
+    check_config_refused(make_hf(VARIANTS["untied"]), tmp_path, edit, field)
 
 
 def test_unknown_tensor_is_refused(tmp_path: Path) -> None:
-    hf = make_hf(VARIANTS["untied"])
-    sd = hf.state_dict()
-    sd["model.layers.0.self_attn.q_norm.weight"] = torch.ones(16)
-    hf.save_pretrained(tmp_path, state_dict=sd)
-    with pytest.raises(CheckpointError, match=r"not part of Llama \(1\): model.layers.0.self_attn.q_norm.weight"):
-        load_hf(tmp_path)
+    check_tensor_refused(make_hf(VARIANTS["untied"]), tmp_path, "model.layers.0.self_attn.q_norm.weight", "Llama",
+                         torch.ones(16))
 
 
 def test_a_model_of_no_family_is_refused_by_export_hf(tmp_path: Path) -> None:
@@ -208,15 +133,22 @@ def test_llama_3_2_1b_spec_counts_its_parameters() -> None:
     assert model.spec.positional.params["scaling"] == "llama3"
 
 
+LLAMA_3_2_1B: dict[str, Any] = dict(
+    model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+    num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072, rms_norm_eps=1e-5,
+    tie_word_embeddings=True, rope_theta=500000.0, hidden_act="silu", attention_bias=False, mlp_bias=False,
+    rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8192})
+
+
 def test_llama_3_2_1b_spec_matches_its_hf_config() -> None:
-    config = dict(model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
-                  num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
-                  max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=True,
-                  rope_theta=500000.0, hidden_act="silu", attention_bias=False, mlp_bias=False,
-                  rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
-    derived = spec_from_config(config, name="llama-3.2-1b")
+    derived = spec_from_config(LLAMA_3_2_1B, name="llama-3.2-1b")
     assert derived == load_spec(CONFIGS / "llama-3.2-1b.json")
+
+
+def test_llama_3_2_1b_spec_counts_what_transformers_counts() -> None:
+    config = transformers.LlamaConfig(**{k: v for k, v in LLAMA_3_2_1B.items() if k != "model_type"})
+    check_meta_count("llama-3.2-1b.json", transformers.LlamaForCausalLM, config, 1_235_814_400)
 
 
 def test_rope_llama3_frequencies_equal_transformers() -> None:

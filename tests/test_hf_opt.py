@@ -2,9 +2,10 @@
 
 Tiny randomly initialised ``transformers.OPTForCausalLM``s (every parameter perturbed, so biases are
 nonzero and norm weights are not ones) are saved with ``save_pretrained`` and loaded with
-:func:`modelkit.weights.hf_families.load_hf` / ``modelkit import-hf``; exported back with
-``export-hf`` and opened with ``AutoModelForCausalLM.from_pretrained``. No downloads.
-Run with ``pytest -s`` to see the max abs logit differences.
+the shared checks of ``tests/hf_parity.py`` (logits, greedy tokens, cache, ``import-hf`` / ``export-hf``,
+the runtime); the rest are OPT's own: the position offset, ``decoder.*`` names, export's choice of
+family, refusals, the OPT-125M spec. No downloads. Run with ``pytest -s`` to see the max abs logit
+differences.
 """
 
 from __future__ import annotations
@@ -16,18 +17,16 @@ from typing import Any
 import pytest
 import torch
 
+from hf_parity import CONFIGS, TOL, FamilyParity, check_config_refused, check_meta_count, check_tensor_refused, \
+    hf_logits, perturbed, save_tiny
 from modelkit import CheckpointError, build_model, load_spec
 from modelkit.cli import main as cli_main
-from modelkit.generation import generate
 from modelkit.introspect import count_parameters
-from modelkit.weights.checkpoint import load_checkpoint
 from modelkit.weights.hf_families import export_family_of, export_hf, load_hf
 from modelkit.weights.hf_families.opt import spec_from_config
 
 transformers = pytest.importorskip("transformers")
 
-CONFIGS = Path(__file__).parent.parent / "configs" / "pretrained"
-TOL = 1e-4
 BASE: dict[str, Any] = dict(vocab_size=300, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
                             num_attention_heads=4, max_position_embeddings=64, dropout=0.0, attention_dropout=0.0)
 VARIANTS: dict[str, dict[str, Any]] = {"tied": dict(tie_word_embeddings=True), "untied": dict(tie_word_embeddings=False)}
@@ -37,26 +36,13 @@ def make_hf(kw: dict[str, Any], seed: int = 0) -> Any:
     """A perturbed random ``OPTForCausalLM`` (eval mode, float32)."""
     torch.manual_seed(seed)
     config = transformers.OPTConfig(**BASE, **kw)
-    model = transformers.OPTForCausalLM(config).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    return model
-
-
-def hf_logits(hf: Any, x: torch.Tensor) -> torch.Tensor:
-    """transformers' logits for an unpadded batch (an all-ones attention mask: positions 0..n-1)."""
-    with torch.no_grad():
-        return hf(x, attention_mask=torch.ones_like(x)).logits
+    return perturbed(transformers.OPTForCausalLM(config), seed)
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def hf_folder(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Any, Path]:
     hf = make_hf(VARIANTS[request.param])
-    folder = tmp_path_factory.mktemp(f"opt-{request.param}")
-    hf.save_pretrained(folder)
-    return request.param, hf, folder
+    return request.param, hf, save_tiny(hf, tmp_path_factory.mktemp(f"opt-{request.param}"))
 
 
 def test_saved_folder_has_the_offset_position_table(hf_folder: tuple[str, Any, Path]) -> None:
@@ -70,20 +56,16 @@ def test_saved_folder_has_the_offset_position_table(hf_folder: tuple[str, Any, P
     assert ("lm_head.weight" in keys) == (not hf.config.tie_word_embeddings)
 
 
-def test_logits_match_transformers(hf_folder: tuple[str, Any, Path]) -> None:
+class TestParity(FamilyParity):
+    architecture = "OPTForCausalLM"
+
+
+def test_spec_has_the_offset_table(hf_folder: tuple[str, Any, Path]) -> None:
     name, hf, folder = hf_folder
     model = load_hf(folder)
     assert model.spec.positional.params == {"offset": 2}
     assert model.spec.tie_embeddings == hf.config.tie_word_embeddings
     assert torch.equal(model.pos_emb.weight, hf.model.decoder.embed_positions.weight)
-    x = torch.randint(0, hf.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
-    ref = hf_logits(hf, x)
-    with torch.no_grad():
-        ours = model(x)
-    diff = (ours - ref).abs().max().item()
-    print(f"\n[opt parity] {name}: max |logit diff| {diff:.2e}")
-    assert ref.abs().max() > 0.1  # a real signal, not zeros
-    assert diff < TOL
 
 
 def test_the_offset_matters(hf_folder: tuple[str, Any, Path]) -> None:
@@ -94,53 +76,6 @@ def test_the_offset_matters(hf_folder: tuple[str, Any, Path]) -> None:
     model.pos_emb.offset = 0
     with torch.no_grad():
         assert (model(x) - hf_logits(hf, x)).abs().max().item() > 1e-2
-
-
-def test_greedy_generation_and_cache_match_transformers(hf_folder: tuple[str, Any, Path]) -> None:
-    name, hf, folder = hf_folder
-    model = load_hf(folder)
-    x = torch.randint(3, hf.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ref = hf.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=30,
-                          min_new_tokens=30, pad_token_id=hf.config.pad_token_id)
-    cached = generate(model, x, max_new_tokens=30)
-    uncached = generate(model, x, max_new_tokens=30, use_cache=False)
-    assert ref.shape == (2, 7 + 30)
-    print(f"\n[opt parity] greedy {name}: 30 new tokens identical: {torch.equal(cached, ref)}")
-    assert torch.equal(cached, ref)
-    assert torch.equal(uncached, ref)
-
-
-def test_kv_cache_logits_equal_no_cache(hf_folder: tuple[str, Any, Path]) -> None:
-    name, hf, folder = hf_folder
-    model = load_hf(folder)
-    x = torch.randint(0, hf.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        full = model(x)
-        cache = model.new_cache()
-        steps = [model(x[:, :5], cache=cache)] + [model(x[:, i:i + 1], cache=cache) for i in range(5, 12)]
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-5)
-
-
-def test_import_hf_cli_then_export_hf_roundtrip(hf_folder: tuple[str, Any, Path], tmp_path: Path,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
-    name, hf, folder = hf_folder
-    ckpt = tmp_path / "opt.safetensors"
-    assert cli_main(["import-hf", str(folder), str(ckpt)]) == 0
-    assert "wrote" in capsys.readouterr().out
-    model = load_checkpoint(ckpt)
-    x = torch.randint(0, hf.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(3))
-    ref = hf_logits(hf, x)
-    with torch.no_grad():
-        assert (model(x) - ref).abs().max().item() < TOL
-    out = tmp_path / "exported"
-    assert cli_main(["export-hf", str(ckpt), str(out)]) == 0
-    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
-    assert type(back).__name__ == "OPTForCausalLM"
-    assert back.config.tie_word_embeddings == hf.config.tie_word_embeddings
-    diff = (hf_logits(back, x) - ref).abs().max().item()
-    print(f"\n[opt parity] export {name}: max |logit diff| {diff:.2e}")
-    assert diff < TOL
 
 
 def test_opt_decoder_model_names_are_read(tmp_path: Path) -> None:
@@ -183,26 +118,13 @@ def test_export_refuses_what_opt_cannot_state(tmp_path: Path) -> None:
     ({"ffn_dim": 0}, "ffn_dim"),
 ])
 def test_unsupported_or_malformed_configs_are_refused(tmp_path: Path, change: dict[str, Any], field: str) -> None:
-    hf = make_hf(VARIANTS["tied"])
-    hf.save_pretrained(tmp_path)
-    config = json.loads((tmp_path / "config.json").read_text())
-    config.update(change)
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError) as info:
-        load_hf(tmp_path)
-    assert field in str(info.value)
-    assert "config.json" in str(info.value)
+    check_config_refused(make_hf(VARIANTS["tied"]), tmp_path, change, field)
 
 
 @pytest.mark.parametrize("extra", ["model.decoder.project_in.weight", "model.decoder.layers.0.fc3.bias",
                                    "lm_head.bias"])
 def test_unknown_tensor_is_refused(tmp_path: Path, extra: str) -> None:
-    hf = make_hf(VARIANTS["untied"])
-    sd = hf.state_dict()
-    sd[extra] = torch.ones(64)
-    hf.save_pretrained(tmp_path, state_dict=sd)
-    with pytest.raises(CheckpointError, match=rf"not part of OPT \(1\): {extra}"):
-        load_hf(tmp_path)
+    check_tensor_refused(make_hf(VARIANTS["untied"]), tmp_path, extra, "OPT")
 
 
 OPT_125M: dict[str, Any] = dict(
@@ -225,9 +147,7 @@ def test_opt_125m_spec_matches_its_hf_config() -> None:
 
 def test_opt_125m_spec_counts_what_transformers_counts() -> None:
     config = transformers.OPTConfig(**{k: v for k, v in OPT_125M.items() if k != "model_type"})
-    with torch.device("meta"):
-        ref = transformers.OPTForCausalLM(config)
-    assert sum(p.numel() for p in ref.parameters()) == 125_239_296
+    check_meta_count("opt-125m.json", transformers.OPTForCausalLM, config, 125_239_296)
 
 
 def test_info_reports_the_opt_125m_total(capsys: pytest.CaptureFixture[str]) -> None:

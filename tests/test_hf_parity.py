@@ -2,8 +2,11 @@
 
 Randomly initialised ``transformers.GPT2LMHeadModel``s (every parameter perturbed, so biases and
 layer-norm shifts are not zeros and a swapped key would show) are saved with ``save_pretrained`` and
-loaded into modelkit; modelkit models are exported and opened with ``from_pretrained``. No downloads.
-Run with ``pytest -s`` to see the max abs logit differences.
+loaded into modelkit and checked with the shared checks of ``tests/hf_parity.py`` (logits, greedy
+tokens, cache, ``import-hf`` / ``export-hf``, the runtime); the rest are GPT-2's own (the key map,
+old file layouts, the four sizes, export of the book's models). modelkit models are exported and
+opened with ``from_pretrained``. No downloads. Run with ``pytest -s`` to see the max abs logit
+differences.
 """
 
 from __future__ import annotations
@@ -15,10 +18,22 @@ from typing import Any
 
 import pytest
 import torch
-from torch import nn
 
+from hf_parity import (
+    CONFIGS,
+    TOL,
+    batch,
+    check_cache,
+    check_cli_roundtrip,
+    check_greedy,
+    check_logits,
+    check_runtime,
+    max_diff,
+    perturbed,
+    save_tiny,
+)
 from modelkit import CheckpointError, build_model, load_spec
-from modelkit.weights.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from modelkit.weights.checkpoint import read_checkpoint, save_checkpoint
 from modelkit.cli import main as cli_main
 from modelkit.generation import generate
 from modelkit.weights.hf import export_hf_gpt2, load_hf_gpt2, spec_from_hf_config
@@ -27,77 +42,57 @@ transformers = pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).parent))
 import book_reference  # noqa: E402
 
-CONFIGS = Path(__file__).parent.parent / "configs" / "pretrained"
 # The issue's size, and a second one exercising exact GELU, a custom eps, n_inner and an untied head.
 SIZES: dict[str, dict[str, Any]] = {
     "2L-4H-64": dict(n_layer=2, n_head=4, n_embd=64, vocab_size=1000, n_positions=64),
     "3L-2H-48-untied": dict(n_layer=3, n_head=2, n_embd=48, vocab_size=500, n_positions=40, n_inner=100,
                             activation_function="gelu", layer_norm_epsilon=1e-6, tie_word_embeddings=False),
 }
-TOL = 1e-4
 
 
 def hf_config(**kw: Any) -> Any:
     return transformers.GPT2Config(bos_token_id=None, eos_token_id=None, pad_token_id=None, **kw)
 
 
-def perturb_(model: nn.Module, seed: int, scale: float = 0.1) -> None:
-    """Add noise to every parameter (biases and norms included), reproducibly."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-
-
 def make_hf(kw: dict[str, Any], seed: int = 0) -> Any:
     torch.manual_seed(seed)
-    model = transformers.GPT2LMHeadModel(hf_config(**kw)).eval()
-    perturb_(model, seed)
-    return model
+    return perturbed(transformers.GPT2LMHeadModel(hf_config(**kw)), seed)
 
 
 @pytest.fixture(scope="module", params=list(SIZES))
 def hf_folder(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Any, Path]:
     model = make_hf(SIZES[request.param])
-    folder = tmp_path_factory.mktemp(request.param)
-    model.save_pretrained(folder)
-    return request.param, model, folder
+    return request.param, model, save_tiny(model, tmp_path_factory.mktemp(request.param))
 
 
 def prompts(vocab: int, n: int = 7, batch: int = 2, seed: int = 3) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, n), generator=torch.Generator().manual_seed(seed))
 
 
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a - b).abs().max().item()
-
-
 # -- import ------------------------------------------------------------------------------------------
 
 def test_import_logits_match_transformers(hf_folder: tuple[str, Any, Path]) -> None:
     name, hf, folder = hf_folder
-    model = load_hf_gpt2(folder)
-    x = prompts(hf.config.vocab_size, n=hf.config.n_positions)  # the whole context window
-    with torch.no_grad():
-        ref, ours = hf(x).logits, model(x)
-    diff = max_diff(ours, ref)
-    print(f"\n[parity] import {name}: max abs logit difference {diff:.3e} (logit std {ref.std():.2f})")
-    assert diff < TOL
+    check_logits(load_hf_gpt2(folder), hf, f"gpt2 {name}", length=hf.config.n_positions)  # the whole window
 
 
 def test_greedy_generation_matches_transformers(hf_folder: tuple[str, Any, Path]) -> None:
     name, hf, folder = hf_folder
     model = load_hf_gpt2(folder)
-    x = prompts(hf.config.vocab_size)
-    with torch.no_grad():
-        ref = hf.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=30,
-                          pad_token_id=0)
-    ours = generate(model, x, max_new_tokens=30)  # modelkit.generation, KV cache
-    book = book_reference.generate_text_simple(model, x, 30, model.spec.context_length)  # no cache
-    assert ref.shape == (2, 7 + 30)
-    print(f"\n[parity] greedy {name}: {ref.shape[1] - 7} new tokens identical: {torch.equal(ours, ref)}")
-    assert torch.equal(ours, ref)
-    assert torch.equal(book, ref)
+    check_greedy(model, hf, f"gpt2 {name}")  # modelkit.generation, with the KV cache and without
+    x = batch(hf.config.vocab_size, 7, seed=1)  # check_greedy's prompts
+    book = book_reference.generate_text_simple(model, x, 30, model.spec.context_length)  # the book's loop
+    assert torch.equal(book, generate(model, x, max_new_tokens=30))
+
+
+def test_kv_cache_logits_equal_no_cache(hf_folder: tuple[str, Any, Path]) -> None:
+    _, hf, folder = hf_folder
+    check_cache(load_hf_gpt2(folder), hf.config.vocab_size)
+
+
+def test_optimize_for_inference_and_int8(hf_folder: tuple[str, Any, Path]) -> None:
+    name, hf, folder = hf_folder
+    check_runtime(load_hf_gpt2(folder), hf, f"gpt2 {name}")
 
 
 def test_key_map_places_every_hf_tensor(hf_folder: tuple[str, Any, Path]) -> None:
@@ -201,9 +196,7 @@ def test_pretrained_configs_match_transformers(name: str, n_embd: int, n_layer: 
 
 def modelkit_model(cfg: dict[str, Any], seed: int = 0) -> Any:
     torch.manual_seed(seed)
-    model = build_model(cfg).eval()
-    perturb_(model, seed)
-    return model
+    return perturbed(build_model(cfg), seed)
 
 
 EXPORTABLE = {
@@ -268,17 +261,10 @@ def test_unknown_tensors_are_listed(tmp_path: Path) -> None:
 
 def test_cli_import_then_export_round_trip(hf_folder: tuple[str, Any, Path], tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
-    _, hf, folder = hf_folder
-    ckpt = tmp_path / "model.safetensors"
-    assert cli_main(["import-hf", str(folder), str(ckpt)]) == 0
+    name, hf, folder = hf_folder
+    check_cli_roundtrip(folder, hf, tmp_path, "GPT2LMHeadModel", "gpt2")
     assert "wrote" in capsys.readouterr().out
-    assert read_checkpoint(ckpt).user_metadata == {"source": f"hf:{folder}"}
-    assert cli_main(["export-hf", str(ckpt), str(tmp_path / "hf_out")]) == 0
-    again = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf_out").eval()
-    x = prompts(hf.config.vocab_size)
-    with torch.no_grad():
-        assert max_diff(again(x).logits, hf(x).logits) < TOL
-        assert max_diff(load_checkpoint(ckpt)(x), hf(x).logits) < TOL
+    assert read_checkpoint(tmp_path / "gpt2.safetensors").user_metadata == {"source": f"hf:{folder}"}
 
 
 def test_cli_import_with_dtype(hf_folder: tuple[str, Any, Path], tmp_path: Path) -> None:

@@ -2,9 +2,10 @@
 
 Tiny randomly initialised ``transformers.Qwen2ForCausalLM``s (every parameter perturbed, so the
 q/k/v biases are nonzero and norm weights are not ones) are saved with ``save_pretrained`` and loaded
-with :func:`modelkit.weights.hf_families.load_hf` / ``modelkit import-hf``; exported back with
-``export-hf`` and opened with ``AutoModelForCausalLM.from_pretrained``. No downloads.
-Run with ``pytest -s`` to see the max abs logit differences.
+with the shared checks of ``tests/hf_parity.py`` (logits, greedy tokens, cache, ``import-hf`` /
+``export-hf``, the runtime); the rest are Qwen2's own: the biases, export's choice of family,
+refusals, the Qwen2.5-0.5B spec. No downloads. Run with ``pytest -s`` to see the max abs logit
+differences.
 """
 
 from __future__ import annotations
@@ -17,18 +18,15 @@ import pytest
 import torch
 
 import hf_parity
+from hf_parity import CONFIGS, FamilyParity, check_config_refused, check_meta_count, check_tensor_refused, perturbed, \
+    save_tiny
 from modelkit import CheckpointError, build_model, load_spec
-from modelkit.cli import main as cli_main
-from modelkit.generation import generate
 from modelkit.introspect import count_parameters
-from modelkit.weights.checkpoint import load_checkpoint
 from modelkit.weights.hf_families import export_family_of, export_hf, load_hf
 from modelkit.weights.hf_families.qwen2 import spec_from_config
 
 transformers = pytest.importorskip("transformers")
 
-CONFIGS = Path(__file__).parent.parent / "configs" / "pretrained"
-TOL = 1e-4
 BASE: dict[str, Any] = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                             rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
@@ -42,20 +40,13 @@ def make_hf(kw: dict[str, Any], seed: int = 0) -> Any:
     """A perturbed random ``Qwen2ForCausalLM`` (eval mode, eager attention, float32)."""
     torch.manual_seed(seed)
     config = transformers.Qwen2Config(**BASE, **kw, bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    model = transformers.Qwen2ForCausalLM(config).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    return model
+    return perturbed(transformers.Qwen2ForCausalLM(config), seed)
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def hf_folder(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Any, Path]:
     hf = make_hf(VARIANTS[request.param])
-    folder = tmp_path_factory.mktemp(f"qwen2-{request.param}")
-    hf.save_pretrained(folder)
-    return request.param, hf, folder
+    return request.param, hf, save_tiny(hf, tmp_path_factory.mktemp(f"qwen2-{request.param}"))
 
 
 def test_saved_folder_has_qkv_biases_and_no_o_proj_bias(hf_folder: tuple[str, Any, Path]) -> None:
@@ -70,19 +61,15 @@ def test_saved_folder_has_qkv_biases_and_no_o_proj_bias(hf_folder: tuple[str, An
     assert ("lm_head.weight" in keys) == (not hf.config.tie_word_embeddings)
 
 
-def test_logits_match_transformers(hf_folder: tuple[str, Any, Path]) -> None:
+class TestParity(FamilyParity):
+    architecture = "Qwen2ForCausalLM"
+
+
+def test_spec_has_qkv_biases_and_no_out_bias(hf_folder: tuple[str, Any, Path]) -> None:
     name, hf, folder = hf_folder
     model = load_hf(folder)
     assert model.spec.qkv_bias and model.spec.attention.params["out_bias"] is False
     assert model.spec.tie_embeddings == hf.config.tie_word_embeddings
-    x = torch.randint(0, hf.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        ref = hf(x).logits
-        ours = model(x)
-    diff = (ours - ref).abs().max().item()
-    print(f"\n[qwen2 parity] {name}: max |logit diff| {diff:.2e}")
-    assert ref.abs().max() > 0.1  # a real signal, not zeros
-    assert diff < TOL
 
 
 def test_qkv_biases_matter(hf_folder: tuple[str, Any, Path]) -> None:
@@ -94,53 +81,6 @@ def test_qkv_biases_matter(hf_folder: tuple[str, Any, Path]) -> None:
         for block in model.trf_blocks:
             block.att.W_key.bias.zero_()
         assert (model(x) - hf(x).logits).abs().max().item() > 1e-2
-
-
-def test_greedy_generation_and_cache_match_transformers(hf_folder: tuple[str, Any, Path]) -> None:
-    name, hf, folder = hf_folder
-    model = load_hf(folder)
-    x = torch.randint(0, hf.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ref = hf.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=30, pad_token_id=0)
-    cached = generate(model, x, max_new_tokens=30)
-    uncached = generate(model, x, max_new_tokens=30, use_cache=False)
-    assert ref.shape == (2, 7 + 30)
-    print(f"\n[qwen2 parity] greedy {name}: 30 new tokens identical: {torch.equal(cached, ref)}")
-    assert torch.equal(cached, ref)
-    assert torch.equal(uncached, ref)
-
-
-def test_kv_cache_logits_equal_no_cache(hf_folder: tuple[str, Any, Path]) -> None:
-    name, hf, folder = hf_folder
-    model = load_hf(folder)
-    x = torch.randint(0, hf.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        full = model(x)
-        cache = model.new_cache()
-        steps = [model(x[:, :5], cache=cache)] + [model(x[:, i:i + 1], cache=cache) for i in range(5, 12)]
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-5)
-
-
-def test_import_hf_cli_then_export_hf_roundtrip(hf_folder: tuple[str, Any, Path], tmp_path: Path,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
-    name, hf, folder = hf_folder
-    ckpt = tmp_path / "qwen2.safetensors"
-    assert cli_main(["import-hf", str(folder), str(ckpt)]) == 0
-    assert "wrote" in capsys.readouterr().out
-    model = load_checkpoint(ckpt)
-    x = torch.randint(0, hf.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        ref = hf(x).logits
-        assert (model(x) - ref).abs().max().item() < TOL
-    out = tmp_path / "exported"
-    assert cli_main(["export-hf", str(ckpt), str(out)]) == 0
-    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
-    assert type(back).__name__ == "Qwen2ForCausalLM"
-    assert back.config.tie_word_embeddings == hf.config.tie_word_embeddings
-    with torch.no_grad():
-        diff = (back(x).logits - ref).abs().max().item()
-    print(f"\n[qwen2 parity] export {name}: max |logit diff| {diff:.2e}")
-    assert diff < TOL
 
 
 def test_export_picks_the_family_by_attention_biases() -> None:
@@ -179,26 +119,13 @@ def test_export_refuses_what_qwen2_cannot_state(tmp_path: Path) -> None:
     ({"use_sliding_window": "no"}, "use_sliding_window"),
 ])
 def test_unsupported_or_malformed_configs_are_refused(tmp_path: Path, change: dict[str, Any], field: str) -> None:
-    hf = make_hf(VARIANTS["untied"])
-    hf.save_pretrained(tmp_path)
-    config = json.loads((tmp_path / "config.json").read_text())
-    config.update(change)
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError) as info:
-        load_hf(tmp_path)
-    assert field in str(info.value)
-    assert "config.json" in str(info.value)
+    check_config_refused(make_hf(VARIANTS["untied"]), tmp_path, change, field)
 
 
 @pytest.mark.parametrize("extra", ["model.layers.0.self_attn.o_proj.bias", "model.layers.1.mlp.up_proj.bias",
                                    "model.layers.0.self_attn.q_norm.weight"])
 def test_unknown_tensor_is_refused(tmp_path: Path, extra: str) -> None:
-    hf = make_hf(VARIANTS["untied"])
-    sd = hf.state_dict()
-    sd[extra] = torch.ones(64)
-    hf.save_pretrained(tmp_path, state_dict=sd)
-    with pytest.raises(CheckpointError, match=rf"not part of Qwen2 \(1\): {extra}"):
-        load_hf(tmp_path)
+    check_tensor_refused(make_hf(VARIANTS["untied"]), tmp_path, extra, "Qwen2")
 
 
 QWEN25_05B: dict[str, Any] = dict(
@@ -219,9 +146,7 @@ def test_qwen2_5_0_5b_spec_matches_its_hf_config() -> None:
 
 def test_qwen2_5_0_5b_spec_counts_what_transformers_counts() -> None:
     config = transformers.Qwen2Config(**{k: v for k, v in QWEN25_05B.items() if k != "model_type"})
-    with torch.device("meta"):
-        ref = transformers.Qwen2ForCausalLM(config)
-    assert sum(p.numel() for p in ref.parameters()) == 494_032_768
+    check_meta_count("qwen2.5-0.5b.json", transformers.Qwen2ForCausalLM, config, 494_032_768)
 
 
 SLIDING: dict[str, dict[str, Any]] = {

@@ -11,10 +11,12 @@ import torch.nn.functional as F
 from book_reference import GPTModel as BookGPTModel
 from safetensors.torch import load_file
 from torch.utils.data import DistributedSampler
+from conftest import REPO
 
 from modelkit import build_model
 from modelkit.weights.checkpoint import load_checkpoint
 from modelkit.cli import main
+from modelkit.generation import generate
 from modelkit.training.dataset import DataError, GPTDatasetV1, ShardedBatchSampler, split_text
 from modelkit.testing import synthetic_text, tiny_model_spec
 from modelkit.tokenizer import get_tokenizer
@@ -327,6 +329,42 @@ def test_cli_trains_resumes_and_plots(tmp_path, capsys):
     assert evals[-1] < evals[0] - 1.0  # validation loss falls on the held-out 10%
     assert (out / "loss.png").stat().st_size > 1000
     assert load_checkpoint(out / "model.safetensors").spec.name == "tiny"
+
+
+def test_cli_trains_a_llama_style_spec_resumes_it_exactly_and_generates_from_it(tmp_path, capsys):
+    """RoPE, RMSNorm, grouped-query attention and SwiGLU (the llama plugin's parts) through the whole
+    CLI: train, pause, resume to the weights of an uninterrupted run, then generate from the run
+    folder and from its last checkpoint folder the text of greedy decoding by hand."""
+    pytest.importorskip("modelkit_llama")
+    spec = json.loads((REPO / "configs" / "llama-style.json").read_text())
+    spec.update(name="llama-tiny", context_length=32, emb_dim=32, n_heads=4, n_layers=2)
+    spec["attention"]["num_kv_heads"] = 2
+    spec["feedforward"]["hidden_dim"] = 64
+    config, data = tmp_path / "llama.json", tmp_path / "text.txt"
+    config.write_text(json.dumps(spec))
+    data.write_text(synthetic_text(40), encoding="utf-8")
+    args = ["train", "--config", str(config), "--data", str(data), "--batch-size", "2", "--lr", "1e-2",
+            "--steps", "4", "--eval-every", "2", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "straight")]) == 0
+    assert main([*args, "--out", str(tmp_path / "run"), "--pause-at", "2"]) == 0
+    assert (tmp_path / "run" / "checkpoints" / "step_000002" / "model.safetensors").is_file()
+    assert main(["train", "--resume", str(tmp_path / "run"), "--quiet"]) == 0
+    model = load_checkpoint(tmp_path / "run" / "model.safetensors")
+    assert (model.spec.positional.type, model.spec.norm.type, model.spec.attention.type, model.spec.feedforward.type) \
+        == ("llama.rope", "llama.rmsnorm", "llama.gqa", "llama.swiglu")
+    straight = load_checkpoint(tmp_path / "straight" / "model.safetensors").state_dict()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, straight[name]), name
+    tokenizer = get_tokenizer()
+    prompt = torch.tensor([tokenizer.encode("the old painter")])
+    expected = tokenizer.decode(generate(model.eval(), prompt, max_new_tokens=6)[0].tolist())
+    capsys.readouterr()
+    for source in (tmp_path / "run", tmp_path / "run" / "checkpoints" / "step_000004"):
+        assert main(["generate", "--checkpoint", str(source), "--prompt", "the old painter",
+                     "--max-new-tokens", "6"]) == 0
+        assert capsys.readouterr().out.strip() == expected.strip()
+    assert main(["generate", "--checkpoint", str(tmp_path / "run" / "checkpoints"), "--prompt", "a"]) == 2
+    assert "holds no model.safetensors" in capsys.readouterr().err
 
 
 def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):

@@ -32,7 +32,8 @@ def add_parser(sub: Any) -> None:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("configs", nargs="+", help="JSON spec files")
     p.add_argument("--override", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                   help="change every spec before comparing, e.g. n_layers=6 emb_dim=256 attention.backend=eager")
+                   help="change every spec before comparing, e.g. n_layers=6 emb_dim=256 attention.backend=eager; "
+                        "a part's parameter (attention.num_kv_heads=2) changes the specs whose part declares it")
     p.add_argument("--no-speed", dest="speed", action="store_false", help="skip the speed measurements")
     p.add_argument("--seq-len", type=int, help="tokens per forward pass (default: min(context, 256))")
     p.add_argument("--batch-size", type=int, default=1, help="sequences per forward pass (default 1)")
@@ -61,14 +62,15 @@ def _num(value: float | None, fmt: str) -> str:
 
 
 def main_table(reports: list[VariantReport]) -> tuple[list[str], list[list[str]]]:
-    headers = ["variant", "params", "params w/o head", "fp32 MB", "bf16 MB", "GFLOPs/token",
+    headers = ["variant", "params", "params w/o head", "w/o embeddings", "fp32 MB", "bf16 MB", "GFLOPs/token",
                "fwd tok/s", "decode tok/s"]
     trained = any(r.final_val_loss is not None or r.final_train_loss is not None for r in reports)
     if trained:
         headers += ["train loss", "val loss"]
     rows = []
     for r in reports:
-        row = [r.name, f"{r.parameters:,}", f"{r.parameters_without_head:,}", f"{r.memory_fp32_mb:.2f}",
+        row = [r.name, f"{r.parameters:,}", f"{r.parameters_without_head:,}", f"{r.parameters_without_embeddings:,}",
+               f"{r.memory_fp32_mb:.2f}",
                f"{r.memory_bf16_mb:.2f}", f"{r.flops_per_token / 1e9:.4f}",
                _num(r.forward_tokens_per_s, ",.0f"), _num(r.decode_tokens_per_s, ",.1f")]
         if trained:
@@ -126,6 +128,13 @@ def run(args: argparse.Namespace) -> int:
     print()
     if overrides:
         print("overrides: " + " ".join(f"{k}={json.dumps(v)}" for k, v in overrides.items()))
+    for r in reports:
+        if r.overrides_not_applied:
+            print(f"  not applied to {r.name} (its part has no such parameter): {' '.join(r.overrides_not_applied)}")
+    vocabularies = {r.name: r.spec["vocab_size"] for r in reports}
+    if len(set(vocabularies.values())) > 1:
+        print("vocabularies differ (" + ", ".join(f"{n} {v:,}" for n, v in vocabularies.items()) + "): "
+              "'w/o embeddings' compares the architectures; losses are per GPT-2 token of the same text")
     print("GFLOPs/token: forward, 2*N_matmul + 4*n_layers*n_ctx*emb_dim (see modelkit.compare)")
     if args.speed:
         from ..devices import resolve_device

@@ -36,8 +36,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--config", metavar="CONFIG", help="a JSON spec file (required without --checkpoint)")
     p.add_argument("--checkpoint", metavar="FILE",
                    help="trained weights: a modelkit checkpoint (its own spec is used; --config, if "
-                        "given, must describe the same model), or the book's torch.save(state_dict) "
-                        "file with --config naming its spec")
+                        "given, must describe the same model), a folder holding one as model.safetensors "
+                        "(a `modelkit train` run or one of its checkpoints), or the book's "
+                        "torch.save(state_dict) file with --config naming its spec")
     p.add_argument("--tokenizer", metavar="FILE",
                    help="a Hugging Face tokenizer.json, or 'gpt2' for the built-in GPT-2 tokenizer (default: the "
                         "one the checkpoint records; GPT-2's without --checkpoint, for the book's files and for "
@@ -103,12 +104,24 @@ def check_same_spec(model: GPTModel, config: str, checkpoint: str) -> None:
         )
 
 
+def checkpoint_file(path: str) -> str:
+    """``path``, or for a folder (a training run, or one of its checkpoints) its ``model.safetensors``.
+    Raises :class:`CheckpointError` when there is no such file."""
+    if os.path.isdir(path):
+        inside = os.path.join(path, "model.safetensors")
+        if not os.path.isfile(inside):
+            raise CheckpointError(f"checkpoint folder {path} holds no model.safetensors "
+                                  "(give a checkpoint file, a training run or one of its checkpoints)")
+        return inside
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    return path
+
+
 def load_model(args: argparse.Namespace) -> GPTModel:
     """The model to generate with, in eval mode: from the checkpoint, or seeded random weights."""
     if args.checkpoint is not None:
-        if not os.path.exists(args.checkpoint):
-            raise CheckpointError(f"checkpoint file not found: {args.checkpoint}")
-        model = load_checkpoint_model(args.checkpoint, args.config)
+        model = load_checkpoint_model(checkpoint_file(args.checkpoint), args.config)
     else:
         spec = load_spec(args.config)
         torch.manual_seed(args.seed)
@@ -128,9 +141,12 @@ def load_tokenizer(args: argparse.Namespace) -> Any:
 
     if args.tokenizer is not None:
         return get_tokenizer() if args.tokenizer == "gpt2" else HFTokenizer.from_file(args.tokenizer)
-    if args.checkpoint is None or (args.config is not None and not checkpoint.is_checkpoint_file(args.checkpoint)):
+    if args.checkpoint is None:
         return get_tokenizer()
-    tokenizer = checkpoint.checkpoint_tokenizer(args.checkpoint)
+    path = checkpoint_file(args.checkpoint)
+    if args.config is not None and not checkpoint.is_checkpoint_file(path):
+        return get_tokenizer()
+    tokenizer = checkpoint.checkpoint_tokenizer(path)
     if tokenizer is None:
         raise GenerationError(f"{args.checkpoint} records no tokenizer (it was imported from a folder without "
                               "tokenizer.json); give --tokenizer FILE (a tokenizer.json, or gpt2)")
