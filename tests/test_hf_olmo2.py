@@ -1,22 +1,23 @@
 """OLMo 2 parity with Hugging Face transformers: ``Olmo2ForCausalLM`` folders imported and exported.
 
-Tiny randomly initialised ``transformers.Olmo2ForCausalLM``s (GQA, every parameter perturbed, so the
-q/k norms and the post-sub-layer norms are not ones) are saved with ``save_pretrained`` and checked
-through :mod:`hf_parity` (logits, greedy tokens, cache, CLI round trip, runtime, meta counts). No
-downloads. Run with ``pytest -s`` to see the differences.
+Tiny randomly initialised ``transformers.Olmo2ForCausalLM``s (GQA; untied, and tied with attention
+biases; every parameter perturbed, so the q/k norms and the post-sub-layer norms are not ones) are
+saved with ``save_pretrained`` and checked through :mod:`hf_parity` (logits, greedy tokens, cache,
+CLI round trip, runtime, meta counts, refusals); the rest are OLMo 2's own: each norm matters, the
+q/k norms span the whole projections, export's choice of family, the OLMo-2-1B spec. No downloads.
+Run with ``pytest -s`` to see the differences.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from hf_parity import (CONFIGS, check_cli_roundtrip, check_family, check_meta_count, check_runtime, hf_logits,
-                       batch, max_diff, perturbed, save_tiny)
+from hf_parity import (CONFIGS, FamilyParity, batch, check_config_refused, check_meta_count, check_tensor_refused,
+                       hf_logits, max_diff, perturbed, save_tiny)
 from modelkit import CheckpointError, build_model, load_spec
 from modelkit.weights.hf_families import export_family_of, export_hf, load_hf
 from modelkit.weights.hf_families.olmo2 import spec_from_config
@@ -28,6 +29,10 @@ pytest.importorskip("modelkit_olmo")
 BASE: dict[str, Any] = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                             rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+VARIANTS: dict[str, dict[str, Any]] = {
+    "untied": dict(tie_word_embeddings=False),
+    "biased tied": dict(attention_bias=True, tie_word_embeddings=True),
+}
 
 
 def make_hf(seed: int = 0, **kw: Any) -> Any:
@@ -37,41 +42,37 @@ def make_hf(seed: int = 0, **kw: Any) -> Any:
     return perturbed(transformers.Olmo2ForCausalLM(config), seed)
 
 
-@pytest.fixture(scope="module")
-def hf_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
-    # Seed 2: check_runtime compares int8 greedy tokens with and without the cache, which differ by
-    # bf16 activation rounding (~0.04 here); seed 0's model has a near-tie (top-2 margin 0.007) it flips.
-    hf = make_hf(seed=2)
-    return hf, save_tiny(hf, tmp_path_factory.mktemp("olmo2"))
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def hf_folder(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Any, Path]:
+    hf = make_hf(**VARIANTS[request.param])
+    return request.param, hf, save_tiny(hf, tmp_path_factory.mktemp("olmo2"))
 
 
-def test_spec_is_registered_parts(hf_folder: tuple[Any, Path]) -> None:
-    hf, folder = hf_folder
+class TestParity(FamilyParity):
+    architecture = "Olmo2ForCausalLM"
+
+    def check_export(self, back: Any, hf: Any) -> None:
+        assert back.config.rms_norm_eps == 1e-6 and back.config.num_key_value_heads == 2
+        assert back.config.attention_bias == hf.config.attention_bias
+        assert back.config.eos_token_id is None and back.config.pad_token_id is None  # not Olmo2Config's 50279, 1
+
+
+def test_spec_is_registered_parts(hf_folder: tuple[str, Any, Path]) -> None:
+    name, hf, folder = hf_folder
     spec = load_hf(folder).spec
     assert spec.block.type == "olmo.post_norm"
     att = spec.attention.params
-    assert (att["num_kv_heads"], att["out_bias"], att["qk_norm"], att["qk_norm_eps"]) == (2, False, "projection", 1e-6)
+    assert (att["num_kv_heads"], att["out_bias"], att["qk_norm"], att["qk_norm_eps"]) == (
+        2, hf.config.attention_bias, "projection", 1e-6)
     assert att["sliding_window"] is None and att["softcap"] is None and att["query_scale"] is None
-    assert spec.norm.params == {"eps": 1e-6} and not spec.tie_embeddings and not spec.qkv_bias
-
-
-def test_parity_with_transformers(hf_folder: tuple[Any, Path]) -> None:
-    hf, folder = hf_folder
-    model = check_family(folder, hf, "olmo2")
-    check_runtime(model, hf, "olmo2")
-
-
-def test_cli_import_then_export_roundtrip(hf_folder: tuple[Any, Path], tmp_path: Path) -> None:
-    hf, folder = hf_folder
-    back = check_cli_roundtrip(folder, hf, tmp_path, "Olmo2ForCausalLM", "olmo2")
-    assert back.config.rms_norm_eps == 1e-6 and back.config.num_key_value_heads == 2
-    assert back.config.eos_token_id is None and back.config.pad_token_id is None  # not Olmo2Config's 50279, 1
+    assert spec.norm.params == {"eps": 1e-6} and spec.qkv_bias == hf.config.attention_bias
+    assert spec.tie_embeddings == hf.config.tie_word_embeddings
 
 
 @pytest.mark.parametrize("norms", ["q_norm", "k_norm", "norm1", "norm2"])
-def test_each_norm_matters(hf_folder: tuple[Any, Path], norms: str) -> None:
+def test_each_norm_matters(hf_folder: tuple[str, Any, Path], norms: str) -> None:
     """Resetting one kind of norm weight to ones changes the logits: parity covers every norm."""
-    hf, folder = hf_folder
+    _, hf, folder = hf_folder
     model = load_hf(folder)
     x = batch(hf.config.vocab_size, 10, seed=4)
     with torch.no_grad():
@@ -81,9 +82,9 @@ def test_each_norm_matters(hf_folder: tuple[Any, Path], norms: str) -> None:
         assert max_diff(model(x), hf_logits(hf, x)) > 1e-2
 
 
-def test_the_q_norm_spans_the_whole_projection(hf_folder: tuple[Any, Path]) -> None:
+def test_the_q_norm_spans_the_whole_projection(hf_folder: tuple[str, Any, Path]) -> None:
     """OLMo 2 normalises q over all heads at once: per-head norms (Qwen3's) give other logits."""
-    hf, folder = hf_folder
+    _, hf, folder = hf_folder
     model = load_hf(folder)
     assert tuple(model.trf_blocks[0].att.q_norm.weight.shape) == (64,)
     assert tuple(model.trf_blocks[0].att.k_norm.weight.shape) == (32,)
@@ -94,20 +95,6 @@ def test_the_q_norm_spans_the_whole_projection(hf_folder: tuple[Any, Path]) -> N
             block.att.q_norm.weight.data = block.att.q_norm.weight.data[:16]
             block.att.k_norm.weight.data = block.att.k_norm.weight.data[:16]
         assert max_diff(model(x), hf_logits(hf, x)) > 1e-2
-
-
-def test_attention_biases_import_and_export(tmp_path: Path) -> None:
-    """``attention_bias: true`` gives q/k/v/o biases; the model exports back to the same logits."""
-    hf = make_hf(seed=1, attention_bias=True)
-    save_tiny(hf, tmp_path / "hf")
-    model = load_hf(tmp_path / "hf")
-    assert model.spec.qkv_bias and model.spec.attention.params["out_bias"]
-    x = batch(hf.config.vocab_size, 12, seed=6)
-    with torch.no_grad():
-        assert max_diff(model(x), hf_logits(hf, x)) < 1e-4
-    export_hf(model, tmp_path / "out")
-    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
-    assert max_diff(hf_logits(back, x), hf_logits(hf, x)) < 1e-4
 
 
 def test_rope_theta_read_from_either_field_form() -> None:
@@ -143,23 +130,13 @@ def test_olmo2_defaults_are_transformers() -> None:
     ({"model_type": "olmo"}, "model_type"),
 ])
 def test_unsupported_or_malformed_configs_are_refused(tmp_path: Path, change: dict[str, Any], field: str) -> None:
-    save_tiny(make_hf(), tmp_path)
-    config = json.loads((tmp_path / "config.json").read_text())
-    config.update(change)
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError) as info:
-        load_hf(tmp_path)
-    assert field in str(info.value)
-    assert "config.json" in str(info.value)
+    check_config_refused(make_hf(), tmp_path, change, field)
 
 
-def test_unknown_tensor_is_refused(tmp_path: Path) -> None:
-    hf = make_hf()
-    sd = hf.state_dict()
-    sd["model.layers.0.input_layernorm.weight"] = torch.ones(64)  # OLMo 2 has no pre-sub-layer norm
-    hf.save_pretrained(tmp_path, state_dict=sd)
-    with pytest.raises(CheckpointError, match=r"not part of OLMo 2 \(1\): model.layers.0.input_layernorm.weight"):
-        load_hf(tmp_path)
+@pytest.mark.parametrize("extra", ["model.layers.0.input_layernorm.weight",  # OLMo 2 has no pre-sub-layer norm
+                                   "model.layers.1.mlp.up_proj.bias"])
+def test_unknown_tensor_is_refused(tmp_path: Path, extra: str) -> None:
+    check_tensor_refused(make_hf(), tmp_path, extra, "OLMo 2")
 
 
 def test_export_picks_olmo2_only_for_its_parts() -> None:

@@ -1,23 +1,24 @@
 """Qwen3 parity with Hugging Face transformers: ``Qwen3ForCausalLM`` folders imported and exported.
 
 Tiny randomly initialised ``transformers.Qwen3ForCausalLM``s (GQA, a ``head_dim`` other than
-``hidden_size / num_attention_heads`` as in the real models, every parameter perturbed, so the
-per-head q/k norms are not ones) are saved with ``save_pretrained`` and checked through
-:mod:`hf_parity` (logits, greedy tokens, cache, CLI round trip, runtime, meta counts). No downloads.
-Run with ``pytest -s`` to see the differences.
+``hidden_size / num_attention_heads`` as in the real models; tied, and untied with attention biases;
+every parameter perturbed, so the per-head q/k norms are not ones) are saved with
+``save_pretrained`` and checked through :mod:`hf_parity` (logits, greedy tokens, cache, CLI round
+trip, runtime, meta counts, refusals); the rest are Qwen3's own: the norms matter, sliding windows,
+defaults, export's choice of family, the Qwen3-0.6B spec. No downloads. Run with ``pytest -s`` to
+see the differences.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from hf_parity import (CONFIGS, batch, check_cli_roundtrip, check_family, check_meta_count, check_runtime,
-                       hf_logits, max_diff, perturbed, save_tiny)
+from hf_parity import (CONFIGS, FamilyParity, batch, check_config_refused, check_family,
+                       check_meta_count, check_tensor_refused, hf_logits, max_diff, perturbed, save_tiny)
 from modelkit import CheckpointError, build_model, load_spec
 from modelkit.weights.hf_families import export_family_of, export_hf, load_hf
 from modelkit.weights.hf_families.qwen3 import spec_from_config
@@ -31,7 +32,7 @@ BASE: dict[str, Any] = dict(vocab_size=300, hidden_size=64, intermediate_size=12
                             rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
 VARIANTS: dict[str, dict[str, Any]] = {
     "tied": dict(tie_word_embeddings=True),
-    "untied": dict(tie_word_embeddings=False, rms_norm_eps=1e-5),
+    "untied biased": dict(tie_word_embeddings=False, rms_norm_eps=1e-5, attention_bias=True),
 }
 
 
@@ -54,21 +55,19 @@ def test_spec_is_registered_parts(hf_folder: tuple[str, Any, Path]) -> None:
     eps = hf.config.rms_norm_eps
     assert spec.head_dim == 32 and spec.block.type == "pre_norm"
     att = spec.attention.params
-    assert (att["num_kv_heads"], att["out_bias"], att["qk_norm"], att["qk_norm_eps"]) == (2, False, "head", eps)
+    assert (att["num_kv_heads"], att["out_bias"], att["qk_norm"], att["qk_norm_eps"]) == (
+        2, hf.config.attention_bias, "head", eps)
     assert att["sliding_window"] is None
-    assert spec.norm.params == {"eps": eps} and spec.tie_embeddings == (name == "tied") and not spec.qkv_bias
+    assert spec.norm.params == {"eps": eps} and spec.qkv_bias == hf.config.attention_bias
+    assert spec.tie_embeddings == hf.config.tie_word_embeddings
 
 
-def test_parity_with_transformers(hf_folder: tuple[str, Any, Path]) -> None:
-    name, hf, folder = hf_folder
-    model = check_family(folder, hf, f"qwen3 {name}")
-    check_runtime(model, hf, f"qwen3 {name}")
+class TestParity(FamilyParity):
+    architecture = "Qwen3ForCausalLM"
 
-
-def test_cli_import_then_export_roundtrip(hf_folder: tuple[str, Any, Path], tmp_path: Path) -> None:
-    name, hf, folder = hf_folder
-    back = check_cli_roundtrip(folder, hf, tmp_path, "Qwen3ForCausalLM", f"qwen3-{name}")
-    assert back.config.head_dim == 32 and back.config.tie_word_embeddings == (name == "tied")
+    def check_export(self, back: Any, hf: Any) -> None:
+        assert back.config.head_dim == 32 and back.config.attention_bias == hf.config.attention_bias
+        assert back.config.layer_types == ["full_attention"] * 2
 
 
 @pytest.mark.parametrize("norm", ["q_norm", "k_norm"])
@@ -82,20 +81,6 @@ def test_the_per_head_norms_matter(hf_folder: tuple[str, Any, Path], norm: str) 
         for block in model.trf_blocks:
             getattr(block.att, norm).weight.fill_(1.0)
         assert max_diff(model(x), hf_logits(hf, x)) > 1e-2
-
-
-def test_attention_biases_import_and_export(tmp_path: Path) -> None:
-    """``attention_bias: true`` gives q/k/v/o biases; the model exports back to the same logits."""
-    hf = make_hf(seed=1, attention_bias=True)
-    save_tiny(hf, tmp_path / "hf")
-    model = load_hf(tmp_path / "hf")
-    assert model.spec.qkv_bias and model.spec.attention.params["out_bias"]
-    x = batch(hf.config.vocab_size, 12, seed=6)
-    with torch.no_grad():
-        assert max_diff(model(x), hf_logits(hf, x)) < 1e-4
-    export_hf(model, tmp_path / "out")
-    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
-    assert max_diff(hf_logits(back, x), hf_logits(hf, x)) < 1e-4
 
 
 def test_sliding_window_layers_at_parity_past_the_window(tmp_path: Path) -> None:
@@ -155,23 +140,11 @@ def test_head_dim_equal_to_the_split_is_left_out_of_the_spec() -> None:
     ({"num_key_value_heads": 3}, "num_kv_heads"),
 ])
 def test_unsupported_or_malformed_configs_are_refused(tmp_path: Path, change: dict[str, Any], field: str) -> None:
-    save_tiny(make_hf(), tmp_path)
-    config = json.loads((tmp_path / "config.json").read_text())
-    config.update(change)
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError) as info:
-        load_hf(tmp_path)
-    assert field in str(info.value)
-    assert "config.json" in str(info.value)
+    check_config_refused(make_hf(), tmp_path, change, field)
 
 
 def test_unknown_tensor_is_refused(tmp_path: Path) -> None:
-    hf = make_hf()
-    sd = hf.state_dict()
-    sd["model.layers.1.mlp.up_proj.bias"] = torch.ones(128)
-    hf.save_pretrained(tmp_path, state_dict=sd)
-    with pytest.raises(CheckpointError, match=r"not part of Qwen3 \(1\): model.layers.1.mlp.up_proj.bias"):
-        load_hf(tmp_path)
+    check_tensor_refused(make_hf(), tmp_path, "model.layers.1.mlp.up_proj.bias", "Qwen3", torch.ones(128))
 
 
 def test_export_picks_qwen3_only_for_per_head_norms() -> None:
