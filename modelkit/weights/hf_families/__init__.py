@@ -1,7 +1,7 @@
 """Hugging Face model families: one module per ``config.json`` ``model_type``.
 
 Each family module (:mod:`.gpt2`, :mod:`.llama`, :mod:`.qwen2`, :mod:`.opt`, :mod:`.gpt_neox`,
-:mod:`.mistral`, :mod:`.olmo2`, :mod:`.qwen3`) defines one :class:`~.base.HFFamily`:
+:mod:`.mistral`, :mod:`.bloom`, ...; :data:`FAMILIES` lists them) defines one :class:`~.base.HFFamily`:
 
 - ``spec_from_config(config, name, source)``: the modelkit spec of the family's ``config.json``,
   made of registered parts (the spec never names the family); a field modelkit cannot honour is
@@ -32,6 +32,7 @@ from ..hf import _read_json, check_folder, load_mapped, write_hf_folder
 from ...errors import CheckpointError
 from ...spec import ModelSpec, load_spec
 from .base import HFFamily
+from .bloom import BLOOM
 from .gpt2 import GPT2
 from .gpt_neox import GPT_NEOX
 from .llama import LLAMA
@@ -47,8 +48,17 @@ if TYPE_CHECKING:
     from ...hf_tokenizer import HFTokenizer
     from ...model import GPTModel
 
-FAMILIES: dict[str, HFFamily] = {family.model_type: family
-                                 for family in (GPT2, LLAMA, QWEN2, OPT, GPT_NEOX, MISTRAL, OLMO2, QWEN3)}
+FAMILIES: dict[str, HFFamily] = {family.model_type: family for family in (
+    GPT2,
+    LLAMA,
+    QWEN2,
+    OPT,
+    GPT_NEOX,
+    MISTRAL,
+    BLOOM,
+    OLMO2,
+    QWEN3,
+)}
 
 
 def family_for(config: Any, source: str = "config.json") -> HFFamily:
@@ -71,7 +81,7 @@ def load_hf(folder: str | os.PathLike[str], *,
     """Load a Hugging Face model folder of any supported family as a modelkit model, in eval mode.
 
     The family is ``config.json``'s ``model_type`` (``gpt2``, ``llama``, ``qwen2``, ``opt``, ``gpt_neox``,
-    ``mistral``, ``olmo2``, ``qwen3``); without a ``config.json`` (only with ``spec=``) the folder is read as GPT-2, as
+    ...; see :data:`FAMILIES`); without a ``config.json`` (only with ``spec=``) the folder is read as GPT-2, as
     :func:`~modelkit.weights.hf.load_hf_gpt2` does. Weights come from ``model.safetensors`` (or a
     sharded ``model.safetensors.index.json``), else ``pytorch_model.bin`` through
     ``torch.load(weights_only=True)``, renamed by the family's explicit key map. The spec is

@@ -42,9 +42,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from .base import HFFamily, head_size_problems, rename, rename_back
+from .base import HFFamily, head_size_problems, join_interleaved_qkv, rename, rename_back, split_interleaved_qkv
+from .base import join_qkv, split_qkv  # noqa: F401  (re-exported: GPT-NeoX's fused layout, used by its tests)
 from .llama import _read_config, _refuse
-from ..hf import _HFSize, _Source, _derive, _json_type, KeyRule, model_level_problems
+from ..hf import _HFSize, _json_type, KeyRule, model_level_problems
 from ...errors import CheckpointError, SpecError
 from ...spec import ModelSpec, validate_spec
 
@@ -53,7 +54,7 @@ if TYPE_CHECKING:
 
 _B = "gpt_neox.layers.{i}."
 _M = "trf_blocks.{i}."
-_QKV = re.compile(r"^gpt_neox\.layers\.(\d+)\.attention\.query_key_value\.(weight|bias)$")
+_QKV = re.compile(r"^gpt_neox\.layers\.(?P<i>\d+)\.attention\.query_key_value\.(?P<p>weight|bias)$")
 _IGNORED = re.compile(r"^gpt_neox\.(layers\.\d+\.attention\.(bias|masked_bias|rotary_emb\.inv_freq)"
                       r"|rotary_emb\.inv_freq)$")
 
@@ -73,7 +74,6 @@ def _rules() -> tuple[KeyRule, ...]:
 
 #: The one-to-one rules; ``attention.query_key_value`` is split / joined by :func:`split_qkv` / :func:`join_qkv`.
 GPT_NEOX_KEY_MAP: tuple[KeyRule, ...] = _rules()
-_QKV_NAMES = ("W_query", "W_key", "W_value")
 
 
 class _GPTNeoXConfig(BaseModel):
@@ -171,39 +171,12 @@ def spec_from_config(config: Mapping[str, Any], name: str = "gpt_neox", source: 
         raise CheckpointError(f"the GPT-NeoX config {source} does not make a valid spec:\n{exc}") from None
 
 
-def split_qkv(t: Tensor, n_heads: int, j: int) -> Tensor:
-    """Part ``j`` (0 query, 1 key, 2 value) of a fused ``query_key_value`` weight ``(3·hidden, hidden)``
-    or bias ``(3·hidden,)``, viewed per head as ``(heads, 3, head_dim, ...)``: ``(hidden, ...)``, exact."""
-    fused = t.reshape(n_heads, 3, t.shape[0] // (3 * n_heads), *t.shape[1:])
-    return fused[:, j].reshape(t.shape[0] // 3, *t.shape[1:]).clone()
-
-
-def join_qkv(q: Tensor, k: Tensor, v: Tensor, n_heads: int) -> Tensor:
-    """The fused per-head-interleaved ``query_key_value`` tensor of q, k, v (the inverse of :func:`split_qkv`)."""
-    parts = [x.reshape(n_heads, 1, x.shape[0] // n_heads, *x.shape[1:]) for x in (q, k, v)]
-    return torch.cat(parts, dim=1).reshape(3 * q.shape[0], *q.shape[1:]).contiguous()
-
-
 def to_modelkit(sources: Mapping[str, Any], spec: ModelSpec) -> tuple[dict[str, Any], list[str]]:
     """The folder's tensors under modelkit names, and the unmatched names: :data:`GPT_NEOX_KEY_MAP`
     plus each ``query_key_value`` split into ``W_query``/``W_key``/``W_value`` (:func:`split_qkv`; a
     first dimension that is not a multiple of ``3 · n_heads`` is refused). The head (``embed_out.weight``
     or ``lm_head.weight``) is dropped when the spec ties the head to the embedding; HF's non-persistent buffers are ignored."""
-    rest: dict[str, Any] = {}
-    out: dict[str, Any] = {}
-    for name, src in sources.items():
-        m = _QKV.match(name)
-        if m is None:
-            rest[name] = src
-            continue
-        shape = tuple(src.shape)
-        if not shape or shape[0] % (3 * spec.n_heads):
-            raise CheckpointError(f"{name}: shape {shape} is not (3 x hidden, ...) for {spec.n_heads} heads")
-        new = (shape[0] // 3, *shape[1:])
-        for j, target in enumerate(_QKV_NAMES):
-            fn = (lambda t, j=j: split_qkv(t, spec.n_heads, j))
-            key = f"trf_blocks.{m.group(1)}.att.{target}.{m.group(2)}"
-            out[key] = _derive(src, new, fn) if isinstance(src, _Source) else fn(src)
+    out, rest = split_interleaved_qkv(sources, _QKV, spec.n_heads)
     mapped, unknown = rename(rest, GPT_NEOX_KEY_MAP, ignored=_IGNORED,
                              drop=("embed_out.weight", "lm_head.weight") if spec.tie_embeddings else ())
     return {**mapped, **out}, unknown
@@ -257,11 +230,8 @@ def to_hf(model: GPTModel) -> dict[str, Tensor]:
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if model.spec.tie_embeddings:
         state.pop("out_head.weight", None)
-    fused: dict[str, Tensor] = {}
-    for i in range(model.spec.n_layers):
-        for p in ("weight", "bias"):
-            qkv = [state.pop(f"trf_blocks.{i}.att.{n}.{p}") for n in _QKV_NAMES]
-            fused[f"gpt_neox.layers.{i}.attention.query_key_value.{p}"] = join_qkv(*qkv, model.spec.n_heads)
+    fused = join_interleaved_qkv(state, model.spec.n_layers, model.spec.n_heads,
+                                 "gpt_neox.layers.{i}.attention.query_key_value.{p}")
     return {**{k: v.contiguous() for k, v in rename_back(state, GPT_NEOX_KEY_MAP).items()}, **fused}
 
 
