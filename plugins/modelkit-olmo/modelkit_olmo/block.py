@@ -10,8 +10,9 @@ from modelkit.components.block import AttentionPart, Part, TwoNormBlock
 
 
 class SublayerPostNormBlock(TwoNormBlock):
-    """x + drop(norm1(att(x))), then x + drop(norm2(ff(x))): the norms sit after each sub-layer,
-    inside the residual branch (the stream itself is never normalised, unlike ``post_norm``).
+    """OLMo 2's wiring: x + drop(norm1(att(x))), then x + drop(norm2(ff(x))) (norms after each sub-layer).
+
+    The norms sit inside the residual branch: the stream itself is never normalised, unlike ``post_norm``.
 
     The slots are the two-norm block's (``att``, ``ff``, ``norm1``, ``norm2``, ``drop_shortcut``,
     built in that order); in OLMo 2's checkpoints ``norm1`` is ``post_attention_layernorm`` and
