@@ -148,13 +148,16 @@ def test_export_picks_gpt_neox() -> None:
     assert export_family_of(spec).model_type == "gpt_neox"
 
 
-def test_export_refuses_a_shared_norm(tmp_path: Path) -> None:
+def test_gpt_neox_refuses_a_shared_norm_which_exports_as_phi(tmp_path: Path) -> None:
     data = spec_from_config(dict(BASE, model_type="gpt_neox")).model_dump()
     data["block"] = {"type": "parallel", "shared_norm": True}
+    model = build_model(data)
     with pytest.raises(CheckpointError) as info:
-        export_hf(build_model(data), tmp_path / "out")
+        export_hf(model, tmp_path / "out", model_type="gpt_neox")
     assert "no GPT-NeoX equivalent; these parts differ:\n  block {'type': 'parallel', 'shared_norm': True}" \
         in str(info.value)
+    assert not (tmp_path / "out").exists()
+    assert export_family_of(model.spec).model_type == "phi"  # one norm per block, biases everywhere: Phi
     assert not (tmp_path / "out").exists()
 
 

@@ -39,6 +39,8 @@ from .llama import LLAMA
 from .mistral import MISTRAL
 from .olmo2 import OLMO2
 from .opt import OPT
+from .phi import PHI
+from .phi3 import PHI3
 from .qwen2 import QWEN2
 from .qwen3 import QWEN3
 
@@ -56,6 +58,8 @@ FAMILIES: dict[str, HFFamily] = {family.model_type: family for family in (
     GPT_NEOX,
     MISTRAL,
     BLOOM,
+    PHI3,
+    PHI,
     OLMO2,
     QWEN3,
 )}
@@ -157,13 +161,18 @@ def import_hf(folder: str | os.PathLike[str], output: str | os.PathLike[str], *,
     return model
 
 
-def export_family_of(spec: ModelSpec) -> HFFamily:
-    """The family whose ``config.json`` can state ``spec`` (GPT-2 first).
+def export_family_of(spec: ModelSpec, model_type: str | None = None) -> HFFamily:
+    """The family whose ``config.json`` can state ``spec``: the first of :data:`FAMILIES` (GPT-2
+    first, in registration order) that can, or only ``model_type``'s when it is given (a spec some
+    families share, such as Llama's parts without biases, which Phi-3 can also state).
 
-    Raises :class:`CheckpointError` listing, per family, the parts with no equivalent.
+    Raises :class:`CheckpointError` for an unknown ``model_type`` (naming the supported ones) or
+    listing, per family tried, the parts with no equivalent.
     """
+    if model_type is not None and model_type not in FAMILIES:
+        raise CheckpointError(f"model_type {model_type!r} is not supported (supported: {', '.join(sorted(FAMILIES))})")
     refusals = []
-    for family in FAMILIES.values():
+    for family in FAMILIES.values() if model_type is None else (FAMILIES[model_type],):
         try:
             family.config_from_spec(spec, torch.float32)
         except CheckpointError as exc:
@@ -173,15 +182,17 @@ def export_family_of(spec: ModelSpec) -> HFFamily:
     raise CheckpointError("\n".join(refusals))
 
 
-def export_hf(model: GPTModel, out_dir: str | os.PathLike[str], *, tokenizer_json: bytes | None = None) -> Path:
+def export_hf(model: GPTModel, out_dir: str | os.PathLike[str], *, model_type: str | None = None,
+              tokenizer_json: bytes | None = None) -> Path:
     """Write ``model`` as a Hugging Face folder (``model.safetensors`` + ``config.json``, and
     ``tokenizer.json`` holding ``tokenizer_json`` when given) of the family its parts make (see
-    :data:`FAMILIES`), which ``transformers.AutoModelForCausalLM.from_pretrained`` opens.
+    :data:`FAMILIES`; ``model_type``'s if given, see :func:`export_family_of`), which
+    ``transformers.AutoModelForCausalLM.from_pretrained`` opens.
     Returns the folder. Raises :class:`CheckpointError`, before writing anything, if no family has an
     equivalent (naming, per family, the parts that differ). Written atomically, as
     :func:`~modelkit.weights.hf.export_hf_gpt2`.
     """
-    family = export_family_of(model.spec)
+    family = export_family_of(model.spec, model_type)
     config = family.config_from_spec(model.spec, model.tok_emb.weight.dtype)
     return write_hf_folder(config, family.to_hf(model), out_dir, tokenizer_json)
 

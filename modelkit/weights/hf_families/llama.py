@@ -218,17 +218,20 @@ def _rename_folder(sources: Mapping[str, Any], spec: ModelSpec,
 
 def _part_problems(spec: ModelSpec, label: str, gqa_check: Callable[[ModelSpec], str | None] | None = None, *,
                    window: bool = False, window_pattern: bool = False, stated: tuple[str, ...] = (),
-                   qk_norm: str = "none", block: str = "pre_norm") -> list[str]:
+                   partial_rotary: bool = False, qk_norm: str = "none", block: str = "pre_norm") -> list[str]:
     """The parts of ``spec`` that are not the llama parts a ``label`` model is made of (``llama.gqa``
     with ``qk_norm``, ``block`` blocks); with ``gqa_check``, also its problem (if any) with a
     ``llama.gqa`` attention, listed after it. A ``llama.gqa`` option the family does not have is a
     problem too: soft-capping, a query scale, a sliding window (unless ``window``), on some layers only
-    (unless ``window_pattern``); and so are the model-level fields other than ``stated`` that differ
-    from the book's model."""
+    (unless ``window_pattern``); so is a ``llama.rope`` rotating part of each head (``rotary_fraction``
+    below 1) unless ``partial_rotary`` (Llama's, Qwen2's and Mistral's configs rotate whole heads); and
+    so are the model-level fields other than ``stated`` that differ from the book's model."""
     pos, norm, att, ff = spec.positional, spec.norm, spec.attention, spec.feedforward
     problems = []
     if pos.type != "llama.rope":
         problems.append(f"positional '{pos.type}' ({label} uses llama.rope)")
+    elif not partial_rotary and pos.params.get("rotary_fraction", 1.0) != 1.0:
+        problems.append(f"positional rotary_fraction {pos.params['rotary_fraction']} ({label} rotates whole heads)")
     if norm.type != "llama.rmsnorm":
         problems.append(f"norm '{norm.type}' ({label} uses llama.rmsnorm)")
     if att.type != "llama.gqa":
