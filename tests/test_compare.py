@@ -190,11 +190,14 @@ FAMILY_SPECS = [  # one line a family: (spec file, the SHRINK overrides its part
     ("configs/gpt2-small.json", ["attention.num_kv_heads"]),
     ("configs/pretrained/llama-3.2-1b.json", []),
     ("configs/pretrained/gemma-2b.json", []),
+    ("configs/pretrained/olmo-2-1b.json", []),
+    ("configs/pretrained/qwen3-0.6b.json", []),
 ]
 
 
 def test_compare_runs_across_families_shrunk_with_overrides(capsys):
     pytest.importorskip("modelkit_llama")
+    pytest.importorskip("modelkit_olmo")
     files = [f for f, _ in FAMILY_SPECS]
     assert main(["compare", *files, "--override", *SHRINK, "--repeats", "1", "--seq-len", "16",
                  "--decode-tokens", "4", "--grad-norms", "--grad-batch", "2", "--no-plot", "--json"]) == 0

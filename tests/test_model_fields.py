@@ -73,7 +73,7 @@ def test_head_dim_sets_the_attention_width(attention: Any) -> None:
 def test_head_dim_limits_and_rope_size() -> None:
     with pytest.raises(SpecError, match="head_dim: n_heads \\* head_dim"):
         load_spec(tiny_cfg(n_heads=2**10, head_dim=2**11))
-    with pytest.raises(SpecError, match="RoPE needs an even head size; emb_dim/n_heads = 7"):
+    with pytest.raises(SpecError, match="RoPE needs an even head size; head_dim = 7"):
         load_spec(tiny_cfg(head_dim=7, positional="llama.rope"))
 
 

@@ -40,10 +40,12 @@ from .gpt2 import GPT2
 from .gpt_neox import GPT_NEOX
 from .llama import LLAMA
 from .mistral import MISTRAL
+from .olmo2 import OLMO2
 from .opt import OPT
 from .phi import PHI
 from .phi3 import PHI3
 from .qwen2 import QWEN2
+from .qwen3 import QWEN3
 
 if TYPE_CHECKING:
     from ...hf_tokenizer import HFTokenizer
@@ -61,6 +63,8 @@ FAMILIES: dict[str, HFFamily] = {family.model_type: family for family in (
     PHI,
     GEMMA,
     GEMMA2,
+    OLMO2,
+    QWEN3,
 )}
 
 

@@ -163,10 +163,12 @@ def _read_config(config: Mapping[str, Any], source: str, model_type: str, label:
 
 def _build_spec(cfg: _LlamaConfig, name: str, source: str, label: str, positional: dict[str, Any],
                 problems: list[str], *, qkv_bias: bool, out_bias: bool, mlp_bias: bool,
-                attention: Mapping[str, Any] | None = None) -> ModelSpec:
+                attention: Mapping[str, Any] | None = None, block: str = "pre_norm",
+                head_dim: int | None = None) -> ModelSpec:
     """The spec of llama parts for a validated config, or :class:`CheckpointError` listing ``problems``
     (naming ``source``) if there are any, or if the result is not a valid spec. ``attention`` holds
-    further ``llama.gqa`` parameters (a sliding window)."""
+    further ``llama.gqa`` parameters (a sliding window, q/k norms); ``block`` is the block type;
+    ``head_dim`` the spec's, stated only when it is not ``hidden_size / num_attention_heads``."""
     if problems:
         raise CheckpointError(f"cannot build a modelkit spec from the {label} config {source}: " + "; ".join(problems))
     data = {
@@ -177,8 +179,10 @@ def _build_spec(cfg: _LlamaConfig, name: str, source: str, label: str, positiona
         "attention": {"type": "llama.gqa", "num_kv_heads": cfg.num_key_value_heads or cfg.num_attention_heads,
                       "out_bias": out_bias, **(attention or {})},
         "feedforward": {"type": "llama.swiglu", "hidden_dim": cfg.intermediate_size, "bias": mlp_bias},
-        "block": "pre_norm",
+        "block": block,
     }
+    if head_dim is not None and head_dim * cfg.num_attention_heads != cfg.hidden_size:
+        data["head_dim"] = head_dim
     try:
         return validate_spec(data, source)
     except SpecError as exc:
@@ -214,14 +218,14 @@ def _rename_folder(sources: Mapping[str, Any], spec: ModelSpec,
 
 def _part_problems(spec: ModelSpec, label: str, gqa_check: Callable[[ModelSpec], str | None] | None = None, *,
                    window: bool = False, window_pattern: bool = False, stated: tuple[str, ...] = (),
-                   partial_rotary: bool = False) -> list[str]:
-    """The parts of ``spec`` that are not the llama parts a ``label`` model is made of; with
-    ``gqa_check``, also its problem (if any) with a ``llama.gqa`` attention, listed after it. A
-    ``llama.gqa`` option the family does not have is a problem too: soft-capping, a query scale, a
-    sliding window (unless ``window``), on some layers only (unless ``window_pattern``); so is a
-    ``llama.rope`` rotating part of each head (``rotary_fraction`` below 1) unless ``partial_rotary``
-    (Llama's, Qwen2's and Mistral's configs rotate whole heads); and so are the model-level fields
-    other than ``stated`` that differ from the book's model."""
+                   partial_rotary: bool = False, qk_norm: str = "none", block: str = "pre_norm") -> list[str]:
+    """The parts of ``spec`` that are not the llama parts a ``label`` model is made of (``llama.gqa``
+    with ``qk_norm``, ``block`` blocks); with ``gqa_check``, also its problem (if any) with a
+    ``llama.gqa`` attention, listed after it. A ``llama.gqa`` option the family does not have is a
+    problem too: soft-capping, a query scale, a sliding window (unless ``window``), on some layers only
+    (unless ``window_pattern``); so is a ``llama.rope`` rotating part of each head (``rotary_fraction``
+    below 1) unless ``partial_rotary`` (Llama's, Qwen2's and Mistral's configs rotate whole heads); and
+    so are the model-level fields other than ``stated`` that differ from the book's model."""
     pos, norm, att, ff = spec.positional, spec.norm, spec.attention, spec.feedforward
     problems = []
     if pos.type != "llama.rope":
@@ -233,13 +237,15 @@ def _part_problems(spec: ModelSpec, label: str, gqa_check: Callable[[ModelSpec],
     if att.type != "llama.gqa":
         problems.append(f"attention '{att.type}' ({label} uses llama.gqa)")
     else:
+        if att.params.get("qk_norm", "none") != qk_norm:
+            problems.append(f"attention qk_norm '{att.params.get('qk_norm', 'none')}' ({label}'s is '{qk_norm}')")
         problems += _gqa_option_problems(spec, label, window, window_pattern)
         if gqa_check is not None and (problem := gqa_check(spec)) is not None:
             problems.append(problem)
     if ff.type != "llama.swiglu":
         problems.append(f"feedforward '{ff.type}' ({label} uses llama.swiglu)")
-    if spec.block.type != "pre_norm":
-        problems.append(f"block '{spec.block.type}' ({label} blocks are pre_norm)")
+    if spec.block.type != block:
+        problems.append(f"block '{spec.block.type}' ({label} blocks are {block})")
     return problems + model_level_problems(spec, label, stated)
 
 
@@ -278,7 +284,7 @@ def _hf_fields(spec: ModelSpec, dtype: torch.dtype) -> dict[str, Any]:
         "vocab_size": spec.vocab_size, "max_position_embeddings": spec.context_length,
         "hidden_size": spec.emb_dim, "intermediate_size": hidden, "num_hidden_layers": spec.n_layers,
         "num_attention_heads": spec.n_heads, "num_key_value_heads": att.params.get("num_kv_heads") or spec.n_heads,
-        "head_dim": spec.emb_dim // spec.n_heads, "hidden_act": "silu",
+        "head_dim": spec.dims.head_dim, "hidden_act": "silu",
         "rms_norm_eps": norm.params.get("eps", 1e-5), "tie_word_embeddings": spec.tie_embeddings,
         "attention_dropout": spec.drop_rate, "rope_parameters": rope,
         "initializer_range": 0.02, "use_cache": True, "dtype": str(dtype).removeprefix("torch."),

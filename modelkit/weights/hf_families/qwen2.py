@@ -133,11 +133,17 @@ def config_from_spec(spec: ModelSpec, dtype: torch.dtype = torch.float32) -> dic
     if spec.positional.type == "llama.rope" and spec.positional.params.get("scaling", "none") != "none":
         problems.append(f"positional scaling '{spec.positional.params['scaling']}' (Qwen2 uses default RoPE)")
     _refuse(spec, "Qwen2", problems)
+    return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", **_hf_fields(spec, dtype),
+            **window_fields(spec)}
+
+
+def window_fields(spec: ModelSpec) -> dict[str, Any]:
+    """The sliding-window fields of a Qwen2-style ``config.json`` (``use_sliding_window``,
+    ``sliding_window``, ``max_window_layers``, ``layer_types``) stating ``spec``'s ``llama.gqa`` window."""
     window = spec.attention.params.get("sliding_window")
     pattern = spec.attention.params.get("window_pattern", [True])
     sliding = [window is not None and pattern[i % len(pattern)] for i in range(spec.n_layers)]
-    return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", **_hf_fields(spec, dtype),
-            "use_sliding_window": any(sliding), "sliding_window": window if any(sliding) else None,
+    return {"use_sliding_window": any(sliding), "sliding_window": window if any(sliding) else None,
             "max_window_layers": sliding.index(True) if any(sliding) else spec.n_layers,
             "layer_types": [_LAYER_TYPES[s] for s in sliding]}
 

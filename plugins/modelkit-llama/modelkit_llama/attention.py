@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
+import torch
+import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
@@ -12,6 +14,27 @@ from modelkit.components.attention import BackendName, attend
 from modelkit.components.base import Attention, LayerContext, ModelDims
 from modelkit.components.kernels import get_attention_kernel
 from modelkit.limits import MAX_CONTEXT_LENGTH, MAX_N_HEADS, MAX_N_LAYERS
+
+#: Where ``llama.gqa`` RMS-normalises queries and keys: nowhere, over each head, or over the whole projection.
+QKNormName = Literal["none", "head", "projection"]
+
+
+class QKNorm(nn.Module):
+    """RMSNorm of queries or keys over their last ``size`` features: ``weight · x / √(mean(x²) + eps)``,
+    computed in float32 and cast back to the input's dtype before scaling (as ``llama.rmsnorm``).
+    Parameter: ``weight`` (ones, ``size``)."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x: (..., size)`` -> the same shape and dtype."""
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
 class GroupedQueryAttention(Attention):
@@ -28,6 +51,11 @@ class GroupedQueryAttention(Attention):
     ``window_pattern[i % len(window_pattern)]`` is true (``[true, false]``: even layers slide, odd
     layers attend to everything); ``softcap`` c caps the scores to ``c·tanh(scores / c)``;
     ``query_scale`` replaces the score scale 1/√head_dim.
+
+    ``qk_norm`` RMS-normalises queries and keys before RoPE (weights ``q_norm``, ``k_norm``, eps
+    ``qk_norm_eps``): ``"head"`` over each head's ``head_dim`` features (Qwen3), ``"projection"``
+    over the whole query (n_heads·head_dim) and key (num_kv_heads·head_dim) projections before the
+    head split (OLMo 2); ``"none"`` (default) adds no module.
     """
 
     def __init__(
@@ -44,6 +72,10 @@ class GroupedQueryAttention(Attention):
             "layer i slides its window iff window_pattern[i % length]"))] = (True,),
         softcap: Annotated[float | None, Field(gt=0, description="scores become softcap·tanh(scores / softcap)")] = None,
         query_scale: Annotated[float | None, Field(gt=0, description="the score scale (None: 1/√head_dim)")] = None,
+        qk_norm: Annotated[QKNormName, Field(
+            description="RMSNorm of q and k before RoPE: none, per head (Qwen3), or over the whole "
+                        "projection (OLMo 2)")] = "none",
+        qk_norm_eps: Annotated[float, Field(gt=0, lt=1, description="eps of the q/k RMSNorms")] = 1e-6,
     ) -> None:
         super().__init__()
         problems = list(self.check_dims(dims, num_kv_heads=num_kv_heads, sliding_window=sliding_window,
@@ -60,6 +92,11 @@ class GroupedQueryAttention(Attention):
         self.W_value = nn.Linear(dims.emb_dim, kv_dim, bias=dims.qkv_bias)
         self.out_proj = nn.Linear(self.d_out, dims.emb_dim, bias=out_bias)
         self.dropout = nn.Dropout(dims.drop_rate)
+        self.qk_norm = qk_norm
+        if qk_norm != "none":  # built after the projections: the default builds exactly what it did
+            per_head = qk_norm == "head"
+            self.q_norm = QKNorm(self.head_dim if per_head else self.num_heads * self.head_dim, qk_norm_eps)
+            self.k_norm = QKNorm(self.head_dim if per_head else kv_dim, qk_norm_eps)
         self.backend = backend
         self.kernel = get_attention_kernel(backend)
         self.sliding_window = sliding_window
@@ -98,9 +135,13 @@ class GroupedQueryAttention(Attention):
         (the module or any function computing it)."""
         b, s, _ = x.shape
         q, k, v = qkv
+        if self.qk_norm == "projection":
+            q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
         window = self.window_at(ctx.layer if ctx is not None else 0)
         out = attend(q, k, v, ctx, self.kernel, dropout_p, window=window, softcap=self.softcap, scale=self.query_scale)
         return out_proj(out.transpose(1, 2).reshape(b, s, self.d_out))
@@ -110,5 +151,7 @@ class GroupedQueryAttention(Attention):
                    ("softcap", self.softcap), ("query_scale", self.query_scale)) if value is not None]
         if self.sliding_window is not None and self.window_pattern != (True,):
             options.append(f"window_pattern={list(self.window_pattern)}")
+        if self.qk_norm != "none":
+            options.append(f"qk_norm={self.qk_norm}")
         return ", ".join([f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
                           f"backend={self.backend}", *options])

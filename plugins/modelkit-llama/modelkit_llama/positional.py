@@ -81,7 +81,8 @@ class RoPE(Positional):
         low_freq_factor), ``scaling: "none"`` with none of them (they would be silently unused)."""
         problems = []
         if dims.head_dim % 2:
-            problems.append(f"RoPE needs an even head size; emb_dim/n_heads = {dims.head_dim}")
+            size = "head_dim" if dims.head_size is not None else "emb_dim/n_heads"
+            problems.append(f"RoPE needs an even head size; {size} = {dims.head_dim}")
         fraction = params.get("rotary_fraction", 1.0)
         rotary_dims = int(dims.head_dim * fraction)
         if fraction != 1.0 and (rotary_dims < 2 or rotary_dims % 2):

@@ -211,6 +211,57 @@ def test_gqa_matches_torch_grouped_sdpa(backend: str, kv_heads: int) -> None:
     assert att.out_proj.bias is None
 
 
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm by hand: weight · x / √(mean(x²) + eps) over the last dimension."""
+    return weight * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+@pytest.mark.parametrize("qk_norm", ["head", "projection"])
+def test_gqa_qk_norms_match_a_hand_computation(qk_norm: str) -> None:
+    """Queries and keys RMS-normalised (per head, or over the whole projection) before the heads attend."""
+    torch.manual_seed(0)
+    att = GroupedQueryAttention(DIMS, num_kv_heads=2, qk_norm=qk_norm, qk_norm_eps=1e-3).eval()
+    with torch.no_grad():
+        att.q_norm.weight.normal_(generator=gen(1))
+        att.k_norm.weight.normal_(generator=gen(2))
+    assert tuple(att.q_norm.weight.shape) == ((8,) if qk_norm == "head" else (32,))
+    assert tuple(att.k_norm.weight.shape) == ((8,) if qk_norm == "head" else (16,))
+    x = torch.randn(2, 7, 32, generator=gen(13))
+    q, k, v = att.W_query(x), att.W_key(x), att.W_value(x)
+    if qk_norm == "projection":
+        q, k = _rms(q, att.q_norm.weight, 1e-3), _rms(k, att.k_norm.weight, 1e-3)
+    q, k = q.view(2, 7, 4, 8).transpose(1, 2), k.view(2, 7, 2, 8).transpose(1, 2)
+    if qk_norm == "head":
+        q, k = _rms(q, att.q_norm.weight, 1e-3), _rms(k, att.k_norm.weight, 1e-3)
+    v = v.view(2, 7, 2, 8).transpose(1, 2)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    expected = att.out_proj(ref.transpose(1, 2).reshape(2, 7, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(att(x), expected, rtol=1e-5, atol=1e-5)
+        plain = GroupedQueryAttention(DIMS, num_kv_heads=2).eval()
+        plain.load_state_dict({n: p for n, p in att.state_dict().items() if "_norm" not in n})
+        assert (plain(x) - att(x)).abs().max() > 1e-2  # the norms change the output
+
+
+def test_gqa_without_qk_norm_builds_what_it_did() -> None:
+    """The default adds no module and draws the same random numbers (seeded builds unchanged)."""
+    torch.manual_seed(0)
+    att = GroupedQueryAttention(DIMS, num_kv_heads=2)
+    assert sorted(n for n, _ in att.named_parameters()) == [
+        "W_key.weight", "W_query.weight", "W_value.weight", "out_proj.weight"]
+    torch.manual_seed(0)
+    normed = GroupedQueryAttention(DIMS, num_kv_heads=2, qk_norm="head")
+    assert all(torch.equal(p, normed.state_dict()[n]) for n, p in att.state_dict().items())
+
+
+def test_gqa_qk_norm_is_validated() -> None:
+    base = {"vocab_size": 10, "context_length": 8, "emb_dim": 32, "n_heads": 4, "n_layers": 1}
+    with pytest.raises(SpecError, match="attention.qk_norm"):
+        load_spec({**base, "attention": {"type": "llama.gqa", "qk_norm": "layer"}})
+    with pytest.raises(SpecError, match="attention.qk_norm_eps"):
+        load_spec({**base, "attention": {"type": "llama.gqa", "qk_norm": "head", "qk_norm_eps": 0}})
+
+
 def test_gqa_caches_only_its_key_value_heads() -> None:
     spec = {"vocab_size": 64, "context_length": 16, "emb_dim": 32, "n_heads": 4, "n_layers": 2,
             "attention": {"type": "llama.gqa", "num_kv_heads": 2}, "positional": "llama.rope"}

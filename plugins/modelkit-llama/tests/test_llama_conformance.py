@@ -28,6 +28,8 @@ pytestmark = pytest.mark.usefixtures("modelkit_one_thread")
       for b in attention_kernel_names()
       for options in ({"sliding_window": 3}, {"sliding_window": 4, "window_pattern": [True, False]},
                       {"softcap": 1.0, "query_scale": 0.5})],
+    *[("attention", {"type": "llama.gqa", "num_kv_heads": 2, "qk_norm": n, "qk_norm_eps": 1e-5})
+      for n in ("head", "projection")],
 ], ids=str)
 def test_component_conforms(kind: str, component: str | dict[str, Any]) -> None:
     assert check_component(kind, component).ok
