@@ -99,7 +99,6 @@ def test_old_and_new_rope_fields_give_the_same_spec() -> None:
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "rope_parameters.rope_type 'yarn'"),
     ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling.rope_type 'linear'"),
     ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4}}, "rope_parameters.factor"),
-    ({"head_dim": 32}, "head_dim 32"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
     ({"rope_theta": 1e4, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}, "rope_theta"),
     ({"num_key_value_heads": 3}, "num_kv_heads"),

@@ -146,7 +146,6 @@ def test_old_top_level_rope_theta_reads_as_rope_parameters() -> None:
      "rope_scaling.rope_type 'linear'"),
     ({"rope_parameters": None, "rope_theta": "10000"}, "rope_theta"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
-    ({"head_dim": 32}, "head_dim 32"),
     ({"num_key_value_heads": 3}, "num_kv_heads"),
     ({"sliding_window": 0}, "sliding_window"),
     ({"sliding_window": "6"}, "sliding_window"),

@@ -114,7 +114,6 @@ def test_export_refuses_what_qwen2_cannot_state(tmp_path: Path) -> None:
                           "high_freq_factor": 4.0, "original_max_position_embeddings": 32}},
      "rope_parameters.rope_type 'llama3'"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
-    ({"head_dim": 32}, "head_dim 32"),
     ({"num_key_value_heads": 3}, "num_kv_heads"),
     ({"use_sliding_window": "no"}, "use_sliding_window"),
 ])

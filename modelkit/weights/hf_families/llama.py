@@ -137,12 +137,15 @@ def _rope(cfg: _LlamaConfig, rope_types: tuple[str, ...] = ("default", "llama3")
     return ref, []
 
 
-def _problems(cfg: _LlamaConfig) -> list[str]:
-    """The features of a well-typed Llama config that the llama parts cannot reproduce."""
+def _problems(cfg: _LlamaConfig, *, free_head_dim: bool = False) -> list[str]:
+    """The features of a well-typed Llama config that the llama parts cannot reproduce. With
+    ``free_head_dim`` (a family whose attention honours ``head_dim``, stated in the spec) any
+    ``head_dim`` is fine; otherwise it must be ``hidden_size / num_attention_heads``."""
     problems = []
     if cfg.hidden_act != "silu":
         problems.append(f"hidden_act {cfg.hidden_act!r} is not supported (llama.swiglu gates with 'silu')")
-    problems += head_size_problems(cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim)
+    if not free_head_dim:
+        problems += head_size_problems(cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim)
     return problems
 
 
@@ -194,13 +197,14 @@ def spec_from_config(config: Mapping[str, Any], name: str = "llama", source: str
 
     Raises :class:`CheckpointError` naming ``source`` and the field for a config that is not a Llama
     config object, has malformed fields, or asks for what the parts cannot compute: a
-    ``hidden_act`` other than ``silu``, a ``head_dim`` other than ``hidden_size / num_attention_heads``,
-    a ``rope_type`` other than ``default``/``llama3``.
+    ``hidden_act`` other than ``silu``, a ``rope_type`` other than ``default``/``llama3``. A ``head_dim``
+    other than ``hidden_size / num_attention_heads`` becomes the spec's ``head_dim``.
     """
     cfg = _read_config(config, source, "llama", "Llama", _LlamaConfig)
     positional, rope_problems = _rope(cfg)
-    return _build_spec(cfg, name, source, "Llama", positional, _problems(cfg) + rope_problems,
-                       qkv_bias=cfg.attention_bias, out_bias=cfg.attention_bias, mlp_bias=cfg.mlp_bias)
+    return _build_spec(cfg, name, source, "Llama", positional, _problems(cfg, free_head_dim=True) + rope_problems,
+                       qkv_bias=cfg.attention_bias, out_bias=cfg.attention_bias, mlp_bias=cfg.mlp_bias,
+                       head_dim=cfg.head_dim)
 
 
 def to_modelkit(sources: Mapping[str, Any], spec: ModelSpec) -> tuple[dict[str, Any], list[str]]:
@@ -303,7 +307,7 @@ def config_from_spec(spec: ModelSpec, dtype: torch.dtype = torch.float32) -> dic
 
     Raises :class:`CheckpointError` naming every part with no Llama equivalent.
     """
-    _refuse(spec, "Llama", _part_problems(spec, "Llama", _llama_biases))
+    _refuse(spec, "Llama", _part_problems(spec, "Llama", _llama_biases, stated=("head_dim",)))
     fields = _hf_fields(spec, dtype)
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **fields,
             "attention_bias": spec.qkv_bias, "mlp_bias": bool(spec.feedforward.params.get("bias", False))}

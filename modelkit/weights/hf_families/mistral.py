@@ -72,13 +72,13 @@ def spec_from_config(config: Mapping[str, Any], name: str = "mistral", source: s
 
     Raises :class:`CheckpointError` naming ``source`` and the field for a config that is not a Mistral
     config object, has malformed fields, or asks for what the parts cannot compute (a ``rope_type``
-    other than ``default``, ``hidden_act`` other than ``silu``, another ``head_dim``, mixed ``layer_types``).
+    other than ``default``, ``hidden_act`` other than ``silu``, mixed ``layer_types``); a ``head_dim`` of its own is the spec's.
     """
     cfg = cast(_MistralConfig, _read_config(config, source, "mistral", "Mistral", _MistralConfig))
     positional, rope_problems = _rope(cfg, ("default",))
-    problems = _problems(cfg) + rope_problems + _layer_type_problems(cfg)
+    problems = _problems(cfg, free_head_dim=True) + rope_problems + _layer_type_problems(cfg)
     return _build_spec(cfg, name, source, "Mistral", positional, problems, qkv_bias=False, out_bias=False,
-                       mlp_bias=False, attention={"sliding_window": cfg.sliding_window})
+                       mlp_bias=False, attention={"sliding_window": cfg.sliding_window}, head_dim=cfg.head_dim)
 
 
 def to_modelkit(sources: Mapping[str, Any], spec: ModelSpec) -> tuple[dict[str, Any], list[str]]:
@@ -101,7 +101,7 @@ def config_from_spec(spec: ModelSpec, dtype: torch.dtype = torch.float32) -> dic
     Raises :class:`CheckpointError` naming every part with no Mistral equivalent (biases, RoPE
     scaling, a window on some layers only, soft-capping, a query scale, parts that are not the llama ones).
     """
-    problems = _part_problems(spec, "Mistral", _no_biases, window=True)
+    problems = _part_problems(spec, "Mistral", _no_biases, window=True, stated=("head_dim",))
     if spec.feedforward.type == "llama.swiglu" and spec.feedforward.params.get("bias"):
         problems.append("feedforward bias true (Mistral's MLP has no biases)")
     if spec.positional.type == "llama.rope" and spec.positional.params.get("scaling", "none") != "none":

@@ -98,14 +98,14 @@ def spec_from_config(config: Mapping[str, Any], name: str = "qwen2", source: str
 
     Raises :class:`CheckpointError` naming ``source`` and the field for a config that is not a Qwen2
     config object, has malformed fields, or asks for what the parts cannot compute (sliding layers
-    without a window, a ``rope_type`` other than ``default``, ``hidden_act`` other than ``silu``, another ``head_dim``).
+    without a window, a ``rope_type`` other than ``default``, ``hidden_act`` other than ``silu``); a ``head_dim`` of its own is the spec's.
     """
     cfg = cast(_Qwen2Config, _read_config(config, source, "qwen2", "Qwen2", _Qwen2Config))
     positional, rope_problems = _rope(cfg, ("default",))
     window, window_problems = _window(cfg)
-    problems = _problems(cfg) + rope_problems + window_problems
+    problems = _problems(cfg, free_head_dim=True) + rope_problems + window_problems
     return _build_spec(cfg, name, source, "Qwen2", positional, problems, qkv_bias=True, out_bias=False,
-                       mlp_bias=False, attention=window)
+                       mlp_bias=False, attention=window, head_dim=cfg.head_dim)
 
 
 def to_modelkit(sources: Mapping[str, Any], spec: ModelSpec) -> tuple[dict[str, Any], list[str]]:
@@ -127,7 +127,7 @@ def config_from_spec(spec: ModelSpec, dtype: torch.dtype = torch.float32) -> dic
     Raises :class:`CheckpointError` naming every part with no Qwen2 equivalent (other attention
     biases, a biased feed-forward, RoPE scaling, parts that are not the llama ones).
     """
-    problems = _part_problems(spec, "Qwen2", _qwen2_biases, window=True, window_pattern=True)
+    problems = _part_problems(spec, "Qwen2", _qwen2_biases, window=True, window_pattern=True, stated=("head_dim",))
     if spec.feedforward.type == "llama.swiglu" and spec.feedforward.params.get("bias"):
         problems.append("feedforward bias true (Qwen2's MLP has no biases)")
     if spec.positional.type == "llama.rope" and spec.positional.params.get("scaling", "none") != "none":
