@@ -151,11 +151,10 @@ def test_export_picks_qwen3_only_for_per_head_norms() -> None:
     spec = spec_from_config(dict(BASE, model_type="qwen3"))
     assert export_family_of(spec).model_type == "qwen3"
     data = spec.model_dump()
-    data["attention"]["qk_norm"] = "none"
-    with pytest.raises(CheckpointError, match="attention qk_norm 'none' \\(Qwen3's is 'head'\\)"):
-        export_family_of(load_spec(data))
-    data["head_dim"] = None  # without q/k norms and a head size of its own it is a Llama model
+    data["attention"]["qk_norm"] = "none"  # without q/k norms it is a Llama model, its own head size included
     assert export_family_of(load_spec(data)).model_type == "llama"
+    with pytest.raises(CheckpointError, match="attention qk_norm 'none' \\(Qwen3's is 'head'\\)"):
+        export_family_of(load_spec(data), "qwen3")
 
 
 @pytest.mark.parametrize("change, problem", [
